@@ -1,0 +1,135 @@
+//! The engine: a device plus its pipeline cache, scratch pool and settings. Every operation
+//! (`forward`, `decode`, ...) is a method on it, defined in `ops/`.
+
+use crate::device::{Gpu, GpuOptions};
+use crate::error::Result;
+use crate::graph::{PassGraph, PassTime, Pool};
+use crate::kernels::recurrent::Tiles;
+use crate::kernels::KernelCache;
+use crate::problem::DType;
+use crate::tensor::{HostTensor, Tensor};
+use std::sync::Mutex;
+
+/// Settings that change how (not what) the engine computes. Defaults suit production.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Fill outputs with NaN before kernels run, so an element a kernel fails to write cannot pass a
+    /// comparison. `None`: on when shader bounds checks are on (debug and test builds).
+    pub poison_outputs: Option<bool>,
+    /// Record per-pass GPU time with timestamp queries (read it with [`Engine::last_profile`]).
+    pub profile: bool,
+    /// Force the recurrent kernels' tiling (tests and tuning); invalid values are rejected.
+    pub recurrent_tiles: Option<Tiles>,
+}
+
+/// A device with compiled kernels and reusable scratch memory. Create one and reuse it.
+pub struct Engine {
+    pub(crate) gpu: Gpu,
+    pub(crate) kernels: KernelCache,
+    pub(crate) pool: Pool,
+    pub(crate) settings: Settings,
+    /// Bound where a kernel's read-only slot is unused by this specialisation.
+    pub(crate) dummy_read: wgpu::Buffer,
+    /// Bound where a kernel's read-write slot is unused.
+    pub(crate) dummy_write: wgpu::Buffer,
+    profile: Mutex<Option<Vec<PassTime>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("gpu", &self.gpu).field("settings", &self.settings).finish()
+    }
+}
+
+impl Engine {
+    /// An engine on the default adapter (see [`GpuOptions`]).
+    pub fn new() -> Result<Engine> {
+        Ok(Self::with_gpu(Gpu::with_options(&GpuOptions::default())?))
+    }
+
+    /// An engine on an opened device.
+    pub fn with_gpu(gpu: Gpu) -> Engine {
+        Self::with_settings(gpu, Settings::default())
+    }
+
+    /// An engine with explicit settings.
+    pub fn with_settings(gpu: Gpu, settings: Settings) -> Engine {
+        let mk = |label| {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let dummy_read = mk("wgdelta.unused.read");
+        let dummy_write = mk("wgdelta.unused.write");
+        Engine {
+            gpu,
+            kernels: KernelCache::default(),
+            pool: Pool::default(),
+            settings,
+            dummy_read,
+            dummy_write,
+            profile: Mutex::new(None),
+        }
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Per-pass GPU times of the last call, when [`Settings::profile`] is on and the adapter has
+    /// timestamp queries.
+    pub fn last_profile(&self) -> Option<Vec<PassTime>> {
+        self.profile.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Bytes of scratch memory the engine holds now and at its peak.
+    pub fn scratch_bytes(&self) -> (u64, u64) {
+        self.pool.bytes()
+    }
+
+    /// Uploads a host tensor.
+    pub fn upload(&self, name: &str, t: &HostTensor) -> Result<Tensor> {
+        self.gpu.upload(name, t)
+    }
+
+    /// Downloads a device tensor (waits for submitted work).
+    pub fn download(&self, t: &Tensor) -> Result<HostTensor> {
+        self.gpu.download(t)
+    }
+
+    pub(crate) fn graph(&self) -> PassGraph<'_> {
+        PassGraph::new(&self.gpu, &self.kernels, &self.pool)
+    }
+
+    pub(crate) fn submit(&self, graph: PassGraph<'_>) -> Result<()> {
+        let times = graph.submit(self.settings.profile)?;
+        if let Ok(mut p) = self.profile.lock() {
+            *p = times;
+        }
+        Ok(())
+    }
+
+    fn poison(&self) -> bool {
+        self.settings.poison_outputs.unwrap_or(self.gpu.shader_checks)
+    }
+
+    /// A new f32 output tensor; NaN-filled when poisoning is on.
+    pub(crate) fn output(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.gpu.empty(name, shape, DType::F32)?;
+        if self.poison() {
+            let words = (crate::tensor::padded(t.byte_len()) / 4) as usize;
+            let nan = vec![u32::MAX; words];
+            self.gpu.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(&nan));
+        }
+        Ok(t)
+    }
+}

@@ -1,0 +1,230 @@
+//! PassGraph: the passes of one call recorded into one command encoder, scratch buffers from a
+//! pool, optional GPU timestamps per pass, and one submission. The only place that submits work.
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::kernels::{Kernel, KernelCache, PipelineKey};
+use std::sync::Mutex;
+
+/// One recorded step.
+enum Step {
+    Pass { label: &'static str, pipeline: wgpu::ComputePipeline, bind_group: wgpu::BindGroup, grid: [u32; 3] },
+    Copy { src: wgpu::Buffer, src_off: u64, dst: wgpu::Buffer, dst_off: u64, size: u64 },
+}
+
+/// A buffer taken from the [`Pool`]; returned to it when the graph that holds it is submitted.
+#[derive(Clone, Debug)]
+pub struct Scratch {
+    pub(crate) buffer: wgpu::Buffer,
+    usage: wgpu::BufferUsages,
+}
+
+/// Reusable scratch buffers. Once warm, a repeated call allocates nothing.
+#[derive(Default)]
+pub struct Pool {
+    free: Mutex<Vec<Scratch>>,
+    live_bytes: Mutex<(u64, u64)>, // (now, peak) bytes held by the pool, free or taken
+}
+
+impl Pool {
+    /// A buffer of at least `size` bytes with `usage` (sizes rounded up to powers of two, so a
+    /// warm pool serves nearby sizes too).
+    pub fn take(&self, gpu: &Gpu, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<Scratch> {
+        let size = size.max(16).next_power_of_two();
+        if let Ok(mut free) = self.free.lock() {
+            if let Some(i) = free.iter().position(|s| s.usage == usage && s.buffer.size() == size) {
+                return Ok(free.swap_remove(i));
+            }
+        }
+        gpu.check_size(label, size)?;
+        let buffer = gpu.scoped(label, || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+        })?;
+        if let Ok(mut l) = self.live_bytes.lock() {
+            l.0 += size;
+            l.1 = l.1.max(l.0);
+        }
+        Ok(Scratch { buffer, usage })
+    }
+
+    fn give_back(&self, s: Vec<Scratch>) {
+        if let Ok(mut free) = self.free.lock() {
+            free.extend(s);
+        }
+    }
+
+    /// Bytes the pool holds now and at most so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.live_bytes.lock().map(|l| *l).unwrap_or((0, 0))
+    }
+}
+
+/// GPU time of one pass, from timestamp queries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassTime {
+    pub label: &'static str,
+    pub ns: f64,
+}
+
+/// The passes of one call, recorded, then submitted once.
+pub struct PassGraph<'a> {
+    gpu: &'a Gpu,
+    kernels: &'a KernelCache,
+    pool: &'a Pool,
+    steps: Vec<Step>,
+    scratch: Vec<Scratch>,
+}
+
+impl<'a> PassGraph<'a> {
+    pub fn new(gpu: &'a Gpu, kernels: &'a KernelCache, pool: &'a Pool) -> Self {
+        PassGraph { gpu, kernels, pool, steps: Vec::new(), scratch: Vec::new() }
+    }
+
+    /// A scratch buffer held until submission.
+    pub fn scratch(&mut self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        let s = self.pool.take(self.gpu, label, size, usage)?;
+        let b = s.buffer.clone();
+        self.scratch.push(s);
+        Ok(b)
+    }
+
+    /// A scratch buffer filled with `data` (uniform parameters, index tables).
+    pub fn scratch_with(&mut self, label: &str, data: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        let b = self.scratch(label, data.len() as u64, usage | wgpu::BufferUsages::COPY_DST)?;
+        let mut padded = data.to_vec();
+        padded.resize(data.len().div_ceil(4) * 4, 0);
+        if !padded.is_empty() {
+            self.gpu.queue.write_buffer(&b, 0, &padded);
+        }
+        Ok(b)
+    }
+
+    /// Records one dispatch of the pipeline `key`, binding `buffers` in the kernel's slot order.
+    pub fn dispatch(&mut self, key: &PipelineKey, buffers: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
+        let kernel: Kernel = key.kernel;
+        if buffers.len() != kernel.slots().len() {
+            return Err(Error::Device {
+                context: kernel.label().into(),
+                message: format!("{} buffers bound, kernel has {} slots", buffers.len(), kernel.slots().len()),
+            });
+        }
+        let max = self.gpu.caps.max_workgroups_per_dim;
+        if grid.iter().any(|&g| g > max) {
+            return Err(Error::TooLarge {
+                name: format!("grid {grid:?} of {}", kernel.label()),
+                bytes: *grid.iter().max().unwrap_or(&0) as u64,
+                limit_name: "max_compute_workgroups_per_dimension",
+                limit: max as u64,
+            });
+        }
+        let pipeline = self.kernels.pipeline(self.gpu, key)?;
+        let layout = self.kernels.bind_layout(self.gpu, kernel)?;
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        let bind_group = self.gpu.scoped(kernel.label(), || {
+            self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.label()),
+                layout: &layout,
+                entries: &entries,
+            })
+        })?;
+        if grid.iter().all(|&g| g > 0) {
+            self.steps.push(Step::Pass { label: kernel.label(), pipeline, bind_group, grid });
+        }
+        Ok(())
+    }
+
+    /// Records a buffer copy.
+    pub fn copy(&mut self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, size: u64) {
+        if size > 0 {
+            self.steps.push(Step::Copy { src: src.clone(), src_off, dst: dst.clone(), dst_off, size });
+        }
+    }
+
+    /// Number of compute passes recorded.
+    pub fn passes(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, Step::Pass { .. })).count()
+    }
+
+    /// Encodes every step into one encoder and submits once. With `timed` (and an adapter with
+    /// timestamp queries) waits for completion and returns each pass's GPU time.
+    pub fn submit(self, timed: bool) -> Result<Option<Vec<PassTime>>> {
+        let gpu = self.gpu;
+        let timed = timed && gpu.caps.timestamp && self.passes() > 0;
+        let n_pass = self.passes() as u32;
+        let queries = if timed {
+            let qs = gpu.scoped("wgdelta.timestamps", || {
+                gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("wgdelta.timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2 * n_pass,
+                })
+            })?;
+            let size = 16 * n_pass as u64;
+            let resolve = gpu.scoped("wgdelta.timestamps", || {
+                gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgdelta.timestamps.resolve"),
+                    size,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
+            })?;
+            Some((qs, resolve, size))
+        } else {
+            None
+        };
+        let mut labels = Vec::new();
+        let encoded = gpu.scoped("wgdelta.graph", || {
+            let mut enc =
+                gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wgdelta.graph") });
+            let mut pass_i = 0u32;
+            for step in &self.steps {
+                match step {
+                    Step::Pass { label, pipeline, bind_group, grid } => {
+                        let tw = queries.as_ref().map(|(qs, _, _)| wgpu::ComputePassTimestampWrites {
+                            query_set: qs,
+                            beginning_of_pass_write_index: Some(2 * pass_i),
+                            end_of_pass_write_index: Some(2 * pass_i + 1),
+                        });
+                        let mut cp =
+                            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: tw });
+                        cp.set_pipeline(pipeline);
+                        cp.set_bind_group(0, bind_group, &[]);
+                        cp.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                        drop(cp);
+                        labels.push(*label);
+                        pass_i += 1;
+                    }
+                    Step::Copy { src, src_off, dst, dst_off, size } => {
+                        enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *size);
+                    }
+                }
+            }
+            if let Some((qs, resolve, _)) = &queries {
+                enc.resolve_query_set(qs, 0..2 * n_pass, resolve, 0);
+            }
+            enc.finish()
+        })?;
+        gpu.scoped("wgdelta.submit", || gpu.queue.submit([encoded]))?;
+        self.pool.give_back(self.scratch);
+        let Some((_, resolve, size)) = queries else {
+            return Ok(None);
+        };
+        let raw = gpu.read_buffer(&resolve, size)?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let period = gpu.queue.get_timestamp_period() as f64;
+        Ok(Some(
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, &label)| PassTime {
+                    label,
+                    ns: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period,
+                })
+                .collect(),
+        ))
+    }
+}

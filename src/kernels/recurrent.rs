@@ -1,0 +1,115 @@
+//! Specialisation of `wgsl/recurrent_fwd.wgsl`: tile sizes chosen from the device, flags from the problem.
+
+use super::{Kernel, PipelineKey, Reduce};
+use crate::device::Caps;
+use crate::problem::{GateKind, GateSpace, Problem, StateLayout};
+
+/// Where the initial state comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateSrc {
+    Zeros = 0,
+    /// The read-only `h0` binding.
+    H0 = 1,
+    /// The read-write `state` binding itself (decode against a state pool, in place).
+    InPlace = 2,
+}
+
+/// Thread layout of one workgroup: KT threads per value column, KR rows each, BV columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiles {
+    pub kt: u32,
+    pub kr: u32,
+    pub bv: u32,
+    pub reduce: Reduce,
+}
+
+/// Largest rows-per-thread the kernel's register arrays hold (`MAX_KR` in the WGSL).
+pub const MAX_KR: u32 = 16;
+/// Largest K * BV the kernel's staging tile holds (`TILE_MAX` in the WGSL).
+pub const TILE_MAX: u32 = 2048;
+/// Largest workgroup the workgroup-memory reduction supports (`RED_SLOTS`).
+pub const MAX_WG: u32 = 256;
+
+impl Tiles {
+    /// Default tiling for head dims `k`, `v` on a device: about 8 rows per thread, 8 columns per
+    /// workgroup, subgroup reduction when a column's threads fit in the smallest subgroup.
+    pub fn choose(k: usize, v: usize, caps: &Caps) -> Tiles {
+        let k = k as u32;
+        let kt = k.div_ceil(8).next_power_of_two().max(2);
+        let kr = k.div_ceil(kt);
+        let mut bv = 8u32;
+        while bv > 1 && (kt * bv > MAX_WG.min(caps.max_invocations) || k * bv > TILE_MAX || v as u32 % bv != 0) {
+            bv /= 2;
+        }
+        let reduce = if caps.subgroup && kt <= caps.subgroup_min { Reduce::Subgroup } else { Reduce::Workgroup };
+        Tiles { kt, kr, bv, reduce }
+    }
+
+    /// Whether this tiling is valid for `k`, `v` (used to vet user overrides).
+    pub fn valid(&self, k: usize, v: usize, caps: &Caps) -> bool {
+        let (k, v) = (k as u32, v as u32);
+        self.kt.is_power_of_two()
+            && self.kt >= 2
+            && self.kr >= 1
+            && self.kr <= MAX_KR
+            && self.kt * self.kr >= k
+            && self.bv >= 1
+            && v % self.bv == 0
+            && k * self.bv <= TILE_MAX
+            && self.kt * self.bv <= MAX_WG.min(caps.max_invocations)
+            && (self.reduce == Reduce::Workgroup || (caps.subgroup && self.kt <= caps.subgroup_min))
+    }
+}
+
+/// Everything that selects one compiled variant of the recurrent forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RecurrentSpec {
+    pub tiles: Tiles,
+    pub state_src: StateSrc,
+    pub store_state: bool,
+    pub use_slots: bool,
+}
+
+impl RecurrentSpec {
+    /// The pipeline key for problem `p`.
+    pub fn key(&self, p: &Problem) -> PipelineKey {
+        let d = &p.dims;
+        let t = &self.tiles;
+        let b = |x: bool| if x { 1.0 } else { 0.0 };
+        PipelineKey::new(
+            Kernel::RecurrentFwd,
+            t.reduce,
+            vec![
+                ("H", d.h as f64),
+                ("HV", d.hv as f64),
+                ("K", d.k as f64),
+                ("V", d.v as f64),
+                ("BV", t.bv as f64),
+                ("KT", t.kt as f64),
+                ("KR", t.kr as f64),
+                ("QKV_DT", p.dtype.wgsl_code() as f64),
+                ("G_DT", p.g_dtype.wgsl_code() as f64),
+                ("BETA_DT", p.beta_dtype.wgsl_code() as f64),
+                ("GATE_PER_KEY", b(p.gate == GateKind::PerKey)),
+                ("GATE_LINEAR", b(p.gate_space == GateSpace::Linear)),
+                ("LAYOUT_VK", b(p.state_layout == StateLayout::Vk)),
+                ("HAS_MASK", b(p.has_mask)),
+                ("STATE_SRC", self.state_src as u32 as f64),
+                ("STORE_STATE", b(self.store_state)),
+                ("USE_SLOTS", b(self.use_slots)),
+            ],
+        )
+    }
+}
+
+/// Uniform parameters, laid out as `struct Params` in the WGSL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub n_seqs: u32,
+    pub slots_off: u32,
+    pub mask_off: u32,
+    pub wg_per_row: u32,
+    pub scale: f32,
+    pub _pad: [u32; 3],
+}

@@ -1,0 +1,91 @@
+//! Recurrent forward: one pass over the tokens with the state on chip (`wgsl/recurrent_fwd.wgsl`).
+
+use super::{Inputs, Outputs};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::graph::PassGraph;
+use crate::kernels::recurrent::{Params, RecurrentSpec, StateSrc, Tiles};
+use crate::problem::Problem;
+use crate::tensor::{padded, Tensor};
+
+/// Where the recurrence reads its initial state and writes its final state.
+pub(crate) struct StateIo<'a> {
+    pub src: StateSrc,
+    pub h0: Option<&'a wgpu::Buffer>,
+    /// Written when `store` (and read when `src == InPlace`).
+    pub state: Option<&'a wgpu::Buffer>,
+    pub store: bool,
+    /// Slot of each sequence in the state buffer (decode against a pool).
+    pub slots: Option<&'a [u32]>,
+}
+
+impl Engine {
+    /// The recurrent kernels' tiling for `p`: the forced one from [`crate::Settings`], if valid, or
+    /// the device default.
+    pub(crate) fn recurrent_tiles(&self, p: &Problem) -> Result<Tiles> {
+        let caps = &self.gpu.caps;
+        match self.settings.recurrent_tiles {
+            Some(t) if t.valid(p.dims.k, p.dims.v, caps) => Ok(t),
+            Some(t) => Err(Error::Option {
+                name: "recurrent_tiles",
+                why: format!("{t:?} is not valid for K = {}, V = {} on this device", p.dims.k, p.dims.v),
+            }),
+            None => Ok(Tiles::choose(p.dims.k, p.dims.v, caps)),
+        }
+    }
+}
+
+/// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
+pub(crate) fn record(eng: &Engine, graph: &mut PassGraph, p: &Problem, x: &Inputs, o: &Tensor, io: StateIo) -> Result<()> {
+    let tiles = eng.recurrent_tiles(p)?;
+    let d = &p.dims;
+    let n = p.n_seqs();
+
+    // meta = seq offsets [N+1] | slots [N] | mask bytes (copied on the device from the mask tensor).
+    let mut words: Vec<u32> = p.seqs.offsets.clone();
+    let slots_off = words.len() as u32;
+    if let Some(s) = io.slots {
+        words.extend_from_slice(s);
+    }
+    let mask_off = words.len() as u32;
+    let mask_bytes = x.mask.map(|m| padded(m.byte_len())).unwrap_or(0);
+    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
+    let meta = graph.scratch_with("wgdelta.meta", bytemuck::cast_slice(&words), wgpu::BufferUsages::STORAGE)?;
+    if let Some(m) = x.mask {
+        graph.copy(&m.buffer, 0, &meta, mask_off as u64 * 4, mask_bytes);
+    }
+
+    let max = eng.gpu.caps.max_workgroups_per_dim;
+    let tiles_x = (d.v as u32 / tiles.bv) * d.hv as u32;
+    let gy = (n as u32).clamp(1, max);
+    let gz = (n as u32).div_ceil(gy);
+    let params = Params { n_seqs: n as u32, slots_off, mask_off, wg_per_row: gy, scale: p.scale, _pad: [0; 3] };
+    let ubuf = graph.scratch_with("wgdelta.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
+
+    let spec = RecurrentSpec { tiles, state_src: io.src, store_state: io.store, use_slots: io.slots.is_some() };
+    let h0 = io.h0.unwrap_or(&eng.dummy_read);
+    let state = io.state.unwrap_or(&eng.dummy_write);
+    graph.dispatch(
+        &spec.key(p),
+        &[&ubuf, &x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer, &x.beta.buffer, &meta, h0, &o.buffer, state],
+        [tiles_x, gy, gz],
+    )
+}
+
+/// Forward by the recurrent kernel: `o`, and `ht` when asked.
+pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs) -> Result<Outputs> {
+    let d = &p.dims;
+    let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
+    let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
+    let mut graph = eng.graph();
+    let io = StateIo {
+        src: if x.h0.is_some() { StateSrc::H0 } else { StateSrc::Zeros },
+        h0: x.h0.map(|t| &t.buffer),
+        state: ht.as_ref().map(|t| &t.buffer),
+        store: ht.is_some(),
+        slots: None,
+    };
+    record(eng, &mut graph, p, x, &o, io)?;
+    eng.submit(graph)?;
+    Ok(Outputs { o, ht })
+}

@@ -1,0 +1,193 @@
+// recurrent_fwd.wgsl — the gated delta rule, token by token, with the state held on chip.
+//
+// Per (sequence n, value head hv), S is a K x V matrix (f32), S_0 = h0 or 0, and for each token t:
+//     S'  = D_t * S                 D_t = exp(g_t) (log gate) or g_t (linear gate); per-key gate:
+//                                   row i of S scaled by D_t[i]
+//     e   = v_t - S'^T k_t          (what the memory got wrong)
+//     S   = S' + beta_t k_t e^T
+//     o_t = scale * S^T q_t = scale * (S'^T q_t + beta_t e (k_t . q_t))
+// A masked token leaves S unchanged and writes o_t = 0. ht = S after the last token.
+//
+// Shapes (rows r = b*T + t of the flattened token axis; sequence n = rows seq[n] .. seq[n+1]):
+//   q, k [rows, H, K]   v [rows, HV, V]   g [rows, HV] or [rows, HV, K]   beta [rows, HV]
+//   o [rows, HV, V] (f32)   state [slots, HV, K, V] (kv) or [slots, HV, V, K] (vk), f32
+// Value head hv reads key head hv / GROUP.
+//
+// Grid: one workgroup per (tile of BV value columns, hv, n). Inside it, KT threads share each
+// column (r = lid % KT, c = lid / KT); thread r holds rows i = r + KT*m (m < KR) of its column in
+// registers, so a step needs only one KT-wide reduction (three sums at once) and no shared state.
+// The state tile is staged through workgroup memory on load and store, so global accesses are
+// coalesced for either layout.
+
+struct Params {
+    n_seqs: u32,
+    slots_off: u32,   // first slot index in `info` (when USE_SLOTS)
+    mask_off: u32,    // first mask word in `info` (when HAS_MASK)
+    wg_per_row: u32,  // workgroups along y before z takes over (grid limit)
+    scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> q: array<u32>;
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> v: array<u32>;
+@group(0) @binding(4) var<storage, read> g: array<u32>;
+@group(0) @binding(5) var<storage, read> beta: array<u32>;
+// seq offsets [N+1], then slot indices [N] at slots_off, then mask bytes (packed) at mask_off.
+@group(0) @binding(6) var<storage, read> info: array<u32>;
+@group(0) @binding(7) var<storage, read> h0: array<f32>;
+@group(0) @binding(8) var<storage, read_write> o: array<f32>;
+@group(0) @binding(9) var<storage, read_write> state: array<f32>;
+
+override H: u32;
+override HV: u32;
+override K: u32;
+override V: u32;
+override GROUP: u32 = HV / H;
+override BV: u32;            // value columns per workgroup (divides V)
+override KT: u32;            // threads per column (power of two)
+override KR: u32;            // rows per thread: KT * KR >= K, KR <= MAX_KR
+override WG: u32 = KT * BV;  // workgroup size
+override QKV_DT: u32 = 0u;
+override G_DT: u32 = 0u;
+override BETA_DT: u32 = 0u;
+override GATE_PER_KEY: bool = false;
+override GATE_LINEAR: bool = false;
+override LAYOUT_VK: bool = false;
+override HAS_MASK: bool = false;
+// Where S_0 comes from: 0 zeros, 1 the `h0` buffer, 2 the `state` buffer itself (in place).
+override STATE_SRC: u32 = 0u;
+override STORE_STATE: bool = false;
+// Row n of the batch reads and writes state slot info[slots_off + n] instead of slot n.
+override USE_SLOTS: bool = false;
+
+const MAX_KR: u32 = 16u;
+const TILE_MAX: u32 = 2048u;  // K * BV <= 2048 (host-checked)
+var<workgroup> tile: array<f32, TILE_MAX>;
+var<workgroup> seq_bounds: vec2<u32>;
+
+fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
+fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+fn ld_v(i: u32) -> f32 { return decode(QKV_DT, v[word_of(QKV_DT, i)], i); }
+fn ld_g(i: u32) -> f32 { return decode(G_DT, g[word_of(G_DT, i)], i); }
+fn ld_beta(i: u32) -> f32 { return decode(BETA_DT, beta[word_of(BETA_DT, i)], i); }
+
+// Offset of S[i][j] inside one K x V state.
+fn s_off(i: u32, j: u32) -> u32 {
+    return select(i * V + j, j * K + i, LAYOUT_VK);
+}
+
+// Tile element e (0 <= e < K*BV) in the state's memory order -> (row i, tile column c).
+fn tile_rc(e: u32) -> vec2<u32> {
+    if (LAYOUT_VK) {
+        return vec2<u32>(e % K, e / K);
+    }
+    return vec2<u32>(e / BV, e % BV);
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let n = wid.y + wid.z * P.wg_per_row;
+    if (n >= P.n_seqs) {
+        return;
+    }
+    let tiles = V / BV;
+    let hv = wid.x / tiles;
+    let j0 = (wid.x % tiles) * BV;
+    let hk = hv / GROUP;
+    let r = lid % KT;
+    let c = lid / KT;
+    let j = j0 + c;
+
+    if (lid == 0u) {
+        seq_bounds = vec2<u32>(info[n], info[n + 1u]);
+    }
+    let bounds = workgroupUniformLoad(&seq_bounds);
+    var slot = n;
+    if (USE_SLOTS) {
+        slot = info[P.slots_off + n];
+    }
+    let sbase = (slot * HV + hv) * K * V;
+
+    // S_0 -> tile (coalesced) -> registers.
+    for (var e = lid; e < K * BV; e += WG) {
+        let rc = tile_rc(e);
+        let src = sbase + s_off(rc.x, j0 + rc.y);
+        var x = 0.0;
+        if (STATE_SRC == 1u) {
+            x = h0[src];
+        } else if (STATE_SRC == 2u) {
+            x = state[src];
+        }
+        tile[rc.x * BV + rc.y] = x;
+    }
+    workgroupBarrier();
+    var s: array<f32, MAX_KR>;
+    for (var m = 0u; m < KR; m++) {
+        let i = r + KT * m;
+        s[m] = select(0.0, tile[min(i, K - 1u) * BV + c], i < K);
+    }
+
+    var kk: array<f32, MAX_KR>;
+    var qq: array<f32, MAX_KR>;
+    for (var row = bounds.x; row < bounds.y; row++) {
+        let kq_base = (row * H + hk) * K;
+        let hrow = row * HV + hv;
+        var live = true;
+        if (HAS_MASK) {
+            live = byte_of(info[P.mask_off + row / 4u], row) != 0u;
+        }
+        var d_scalar = 1.0;
+        if (!GATE_PER_KEY) {
+            d_scalar = ld_g(hrow);
+            if (!GATE_LINEAR) {
+                d_scalar = exp(d_scalar);
+            }
+        }
+        var part = vec4<f32>(0.0);
+        for (var m = 0u; m < KR; m++) {
+            let i = r + KT * m;
+            let ok = i < K;
+            let ic = min(i, K - 1u);
+            kk[m] = select(0.0, ld_k(kq_base + ic), ok);
+            qq[m] = select(0.0, ld_q(kq_base + ic), ok);
+            var d = d_scalar;
+            if (GATE_PER_KEY) {
+                d = ld_g(hrow * K + ic);
+                if (!GATE_LINEAR) {
+                    d = exp(d);
+                }
+            }
+            s[m] = s[m] * select(1.0, d, live);
+            part += vec4<f32>(s[m] * kk[m], s[m] * qq[m], kk[m] * qq[m], 0.0);
+        }
+        let tot = column_sum(part, lid, row & 1u);
+        let e_j = ld_v(hrow * V + j) - tot.x;
+        let u = select(0.0, ld_beta(hrow) * e_j, live);
+        for (var m = 0u; m < KR; m++) {
+            s[m] += kk[m] * u;
+        }
+        if (r == 0u) {
+            o[hrow * V + j] = select(0.0, P.scale * (tot.y + u * tot.z), live);
+        }
+    }
+
+    if (STORE_STATE) {
+        // Registers -> tile -> state (coalesced). The barrier also orders the last column_sum's reads.
+        workgroupBarrier();
+        for (var m = 0u; m < KR; m++) {
+            let i = r + KT * m;
+            if (i < K) {
+                tile[i * BV + c] = s[m];
+            }
+        }
+        workgroupBarrier();
+        for (var e = lid; e < K * BV; e += WG) {
+            let rc = tile_rc(e);
+            state[sbase + s_off(rc.x, j0 + rc.y)] = tile[rc.x * BV + rc.y];
+        }
+    }
+}
