@@ -231,7 +231,10 @@ impl Gpu {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|e| Error::Device { context: format!("request_device on {}", info.name), message: e.to_string() })?;
+            .map_err(|e| Error::Device {
+                context: format!("request_device on {}", info.name),
+                message: e.to_string(),
+            })?;
 
         let lost = Arc::new(Mutex::new(None));
         let lost2 = lost.clone();
@@ -324,6 +327,17 @@ impl Gpu {
                 unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
             }
         })
+    }
+
+    /// Most tokens of one sequence a single dispatch may process. Software rasterisers cap loop
+    /// iterations per invocation (llvmpipe: 65535 back-edges, then the loop silently exits), and
+    /// GPU watchdogs end long dispatches, so long sequences run as several dispatches.
+    pub fn max_tokens_per_dispatch(&self) -> usize {
+        if self.info.device_type == wgpu::DeviceType::Cpu {
+            1024
+        } else {
+            65536
+        }
     }
 
     /// Blocks until all submitted work is done.

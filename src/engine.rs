@@ -106,6 +106,11 @@ impl Engine {
         self.gpu.download(t)
     }
 
+    /// Waits until all work submitted so far has finished.
+    pub fn sync(&self) -> Result<()> {
+        self.gpu.wait()
+    }
+
     pub(crate) fn graph(&self) -> PassGraph<'_> {
         PassGraph::new(&self.gpu, &self.kernels, &self.pool)
     }

@@ -67,7 +67,15 @@ pub enum Error {
 
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A self-check (demo, bench) found results that differ from the float64 reference.
+    #[error("check failed: {0}")]
+    Check(String),
 
     /// A safetensors file could not be parsed or written.
     #[error("safetensors: {0}")]

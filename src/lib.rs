@@ -31,6 +31,7 @@
 //! [`Error`]s, no GPU work yet), [`ops::plan`] picks the algorithm, a [`graph::PassGraph`] records
 //! the passes into one submission, and the outputs stay on the device until downloaded.
 
+pub mod case;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -40,6 +41,7 @@ pub mod ops;
 pub mod problem;
 pub mod reference;
 pub mod rng;
+pub mod synth;
 pub mod tensor;
 
 pub use device::{Caps, Gpu, GpuOptions};

@@ -3,7 +3,7 @@
 // KT threads of a column are consecutive invocations (r = lid % KT), so they sit in one subgroup.
 // (naga 30 enables subgroup builtins by device capability; it rejects `enable subgroups;`.)
 
-fn column_sum(x: vec4<f32>, lid: u32, parity: u32) -> vec4<f32> {
+fn column_sum(x: vec3<f32>, lid: u32, parity: u32) -> vec3<f32> {
     var s = x;
     for (var off = 1u; off < KT; off = off << 1u) {
         s += subgroupShuffleXor(s, off);

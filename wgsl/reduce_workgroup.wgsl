@@ -4,14 +4,14 @@
 // thread has passed the barrier of the step in between.
 
 const RED_SLOTS: u32 = 256u;
-var<workgroup> red: array<vec4<f32>, 512>;
+var<workgroup> red: array<vec3<f32>, 512>;
 
-fn column_sum(x: vec4<f32>, lid: u32, parity: u32) -> vec4<f32> {
+fn column_sum(x: vec3<f32>, lid: u32, parity: u32) -> vec3<f32> {
     let base = parity * RED_SLOTS;
     red[base + lid] = x;
     workgroupBarrier();
     let first = base + (lid / KT) * KT;
-    var s = vec4<f32>(0.0);
+    var s = vec3<f32>(0.0);
     for (var r = 0u; r < KT; r++) {
         s += red[first + r];
     }

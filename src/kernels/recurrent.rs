@@ -26,18 +26,26 @@ pub struct Tiles {
 /// Largest rows-per-thread the kernel's register arrays hold (`MAX_KR` in the WGSL).
 pub const MAX_KR: u32 = 16;
 /// Largest K * BV the kernel's staging tile holds (`TILE_MAX` in the WGSL).
-pub const TILE_MAX: u32 = 2048;
+pub const TILE_MAX: u32 = 4096;
 /// Largest workgroup the workgroup-memory reduction supports (`RED_SLOTS`).
 pub const MAX_WG: u32 = 256;
+/// Sequences up to this many tokens use the decode tiling (see [`Tiles::choose`]).
+pub const DECODE_MAX_LEN: usize = 16;
 
 impl Tiles {
-    /// Default tiling for head dims `k`, `v` on a device: about 8 rows per thread, 8 columns per
-    /// workgroup, subgroup reduction when a column's threads fit in the smallest subgroup.
-    pub fn choose(k: usize, v: usize, caps: &Caps) -> Tiles {
+    /// Default tiling for head dims `k`, `v` on a device and the longest sequence `max_len`.
+    ///
+    /// Long sequences are bound by the per-token reduction chain: about 8 rows per thread, 8
+    /// columns per workgroup. Decode (a few tokens) is bound by moving the state once: 16 rows per
+    /// thread and 32 columns per workgroup, so each state row is read and written as one 128-byte
+    /// segment. Subgroup reduction when a column's threads fit in the smallest subgroup.
+    pub fn choose(k: usize, v: usize, max_len: usize, caps: &Caps) -> Tiles {
         let k = k as u32;
-        let kt = k.div_ceil(8).next_power_of_two().max(2);
+        let decode = max_len <= DECODE_MAX_LEN;
+        let rows = if decode { 16 } else { 8 };
+        let kt = k.div_ceil(rows).next_power_of_two().max(2);
         let kr = k.div_ceil(kt);
-        let mut bv = 8u32;
+        let mut bv = if decode { 32u32 } else { 8 };
         while bv > 1 && (kt * bv > MAX_WG.min(caps.max_invocations) || k * bv > TILE_MAX || v as u32 % bv != 0) {
             bv /= 2;
         }
@@ -97,6 +105,7 @@ impl RecurrentSpec {
                 ("STATE_SRC", self.state_src as u32 as f64),
                 ("STORE_STATE", b(self.store_state)),
                 ("USE_SLOTS", b(self.use_slots)),
+                ("VARLEN", b(p.seqs.varlen)),
             ],
         )
     }
@@ -111,5 +120,7 @@ pub struct Params {
     pub mask_off: u32,
     pub wg_per_row: u32,
     pub scale: f32,
-    pub _pad: [u32; 3],
+    pub t: u32,
+    pub seg_start: u32,
+    pub seg_len: u32,
 }

@@ -30,13 +30,20 @@ impl Engine {
                 name: "recurrent_tiles",
                 why: format!("{t:?} is not valid for K = {}, V = {} on this device", p.dims.k, p.dims.v),
             }),
-            None => Ok(Tiles::choose(p.dims.k, p.dims.v, caps)),
+            None => Ok(Tiles::choose(p.dims.k, p.dims.v, p.seqs.max_len(), caps)),
         }
     }
 }
 
 /// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
-pub(crate) fn record(eng: &Engine, graph: &mut PassGraph, p: &Problem, x: &Inputs, o: &Tensor, io: StateIo) -> Result<()> {
+pub(crate) fn record(
+    eng: &Engine,
+    graph: &mut PassGraph,
+    p: &Problem,
+    x: &Inputs,
+    o: &Tensor,
+    io: StateIo,
+) -> Result<()> {
     let tiles = eng.recurrent_tiles(p)?;
     let d = &p.dims;
     let n = p.n_seqs();
@@ -59,17 +66,45 @@ pub(crate) fn record(eng: &Engine, graph: &mut PassGraph, p: &Problem, x: &Input
     let tiles_x = (d.v as u32 / tiles.bv) * d.hv as u32;
     let gy = (n as u32).clamp(1, max);
     let gz = (n as u32).div_ceil(gy);
-    let params = Params { n_seqs: n as u32, slots_off, mask_off, wg_per_row: gy, scale: p.scale, _pad: [0; 3] };
-    let ubuf = graph.scratch_with("wgdelta.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
 
-    let spec = RecurrentSpec { tiles, state_src: io.src, store_state: io.store, use_slots: io.slots.is_some() };
+    // Segments: every dispatch runs at most `seg` tokens of each sequence; later segments continue
+    // from the state the previous one stored, in place in `carry`.
+    let seg = eng.gpu.max_tokens_per_dispatch();
+    let n_seg = p.seqs.max_len().div_ceil(seg).max(1);
+    let carry = match io.state {
+        Some(b) => b.clone(),
+        None if n_seg > 1 => {
+            graph.scratch("wgdelta.state.carry", (n * d.hv * d.k * d.v * 4) as u64, wgpu::BufferUsages::STORAGE)?
+        }
+        None => eng.dummy_write.clone(),
+    };
     let h0 = io.h0.unwrap_or(&eng.dummy_read);
-    let state = io.state.unwrap_or(&eng.dummy_write);
-    graph.dispatch(
-        &spec.key(p),
-        &[&ubuf, &x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer, &x.beta.buffer, &meta, h0, &o.buffer, state],
-        [tiles_x, gy, gz],
-    )
+    for s in 0..n_seg {
+        let last = s + 1 == n_seg;
+        let params = Params {
+            n_seqs: n as u32,
+            slots_off,
+            mask_off,
+            wg_per_row: gy,
+            scale: p.scale,
+            t: d.t as u32,
+            seg_start: (s * seg) as u32,
+            seg_len: seg as u32,
+        };
+        let ubuf = graph.scratch_with("wgdelta.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
+        let spec = RecurrentSpec {
+            tiles,
+            state_src: if s == 0 { io.src } else { StateSrc::InPlace },
+            store_state: if last { io.store } else { true },
+            use_slots: io.slots.is_some(),
+        };
+        graph.dispatch(
+            &spec.key(p),
+            &[&ubuf, &x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer, &x.beta.buffer, &meta, h0, &o.buffer, &carry],
+            [tiles_x, gy, gz],
+        )?;
+    }
+    Ok(())
 }
 
 /// Forward by the recurrent kernel: `o`, and `ht` when asked.

@@ -1,0 +1,247 @@
+//! `wgdelta bench`: GPU time from timestamp queries (median of many runs after warm-up) and wall
+//! time per call, with tokens/s, achieved GB/s and TFLOP/s beside the floors.
+
+use super::demo::parse_dtype;
+use std::time::Instant;
+use wgdelta::ops::cost::{self, Cost};
+use wgdelta::synth::model_like;
+use wgdelta::{Algorithm, DType, Dims, Engine, GateSpace, Gpu, Options, Problem, Settings, StateLayout};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Which sweep: decode, prefill, chunked, all.
+    #[arg(long, default_value = "all")]
+    pub preset: String,
+    /// Timed runs per case (after warm-up).
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Memory bandwidth for the floor (GB/s, bytes read + written); default: known H100/H200 figures.
+    #[arg(long)]
+    pub bandwidth_gbs: Option<f64>,
+    /// Peak arithmetic for the floor (TFLOP/s).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Only cases with this input dtype (f32, f16, bf16).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Write results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Override heads/dims: H, HV, K, V.
+    #[arg(long, num_args = 4, value_names = ["H", "HV", "K", "V"])]
+    pub heads: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Forward with h0 in and ht out.
+    Forward,
+    /// Decode against a state pool, in place.
+    Decode,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    mode: Mode,
+    b: usize,
+    t: usize,
+    dtype: DType,
+    algo: Algorithm,
+}
+
+fn preset(name: &str) -> Vec<Case> {
+    use Algorithm::*;
+    let f = |mode, b, t, dtype, algo| Case { mode, b, t, dtype, algo };
+    let mut v = Vec::new();
+    if name == "decode" || name == "all" {
+        for b in [1, 8, 64, 256] {
+            v.push(f(Mode::Decode, b, 1, DType::F32, Recurrent));
+        }
+        for b in [1, 256] {
+            v.push(f(Mode::Forward, b, 1, DType::F32, Recurrent));
+        }
+    }
+    if name == "prefill" || name == "all" {
+        for (b, t) in [(1, 64), (1, 1024), (1, 4096), (1, 16384), (8, 4096)] {
+            v.push(f(Mode::Forward, b, t, DType::F32, Recurrent));
+        }
+        for (b, t) in [(1, 1024), (1, 16384), (8, 8192)] {
+            v.push(f(Mode::Forward, b, t, DType::BF16, Recurrent));
+        }
+    }
+    if name == "chunked" || name == "all" {
+        for c in [Recurrent, Chunked { chunk: 64 }] {
+            for (b, t, dt) in
+                [(1, 16384, DType::BF16), (8, 8192, DType::BF16), (1, 16384, DType::F32), (8, 4096, DType::F32)]
+            {
+                v.push(f(Mode::Forward, b, t, dt, c));
+            }
+        }
+    }
+    v
+}
+
+fn median(mut x: Vec<f64>) -> f64 {
+    if x.is_empty() {
+        return f64::NAN;
+    }
+    x.sort_by(|a, b| a.total_cmp(b));
+    x[x.len() / 2]
+}
+
+struct Row {
+    case: Case,
+    gpu_ms: Option<f64>,
+    wall_ms: f64,
+    cost: Cost,
+    passes: Vec<(String, f64)>,
+}
+
+pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
+    let gpu = Gpu::new()?;
+    let name = gpu.adapter_info().name.clone();
+    let bw = a.bandwidth_gbs.or(if name.contains("H100") {
+        Some(3000.0)
+    } else if name.contains("H200") {
+        Some(4300.0)
+    } else {
+        None
+    });
+    let peak = a.peak_tflops;
+    let filter = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let (h, hv, k, v) = match a.heads.as_deref() {
+        Some([h, hv, k, v]) => (*h, *hv, *k, *v),
+        _ => (16, 32, 128, 128),
+    };
+    let timed = Engine::with_settings(gpu.clone(), Settings { profile: true, ..Default::default() });
+    let plain = Engine::with_settings(gpu.clone(), Settings::default());
+    eprintln!("wgdelta bench on {name} ({:?}); timestamps: {}", gpu.adapter_info().backend, gpu.caps().timestamp);
+    let mut rows = Vec::new();
+    for case in preset(&a.preset) {
+        if filter.is_some_and(|f| f != case.dtype) {
+            continue;
+        }
+        let d = Dims { b: case.b, t: case.t, h, hv, k, v };
+        match bench_case(&timed, &plain, d, case, a) {
+            Ok(r) => {
+                print_row(&r, d, bw, peak);
+                rows.push(r);
+            }
+            Err(e) => eprintln!("  {case:?}: skipped: {e}"),
+        }
+    }
+    if let Some(path) = &a.json {
+        let j: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "mode": format!("{:?}", r.case.mode), "b": r.case.b, "t": r.case.t, "h": h, "hv": hv, "k": k, "v": v,
+                    "dtype": r.case.dtype.to_string(), "algorithm": format!("{:?}", r.case.algo),
+                    "gpu_ms": r.gpu_ms, "wall_ms": r.wall_ms, "bytes": r.cost.bytes, "flops": r.cost.flops,
+                    "passes": r.passes.iter().map(|(l, ms)| serde_json::json!({"label": l, "ms": ms})).collect::<Vec<_>>(),
+                    "adapter": name, "bandwidth_gbs": bw,
+                })
+            })
+            .collect();
+        let s = serde_json::to_string_pretty(&j).unwrap_or_default();
+        std::fs::write(path, s).map_err(|e| wgdelta::Error::Io { path: path.display().to_string(), source: e })?;
+    }
+    Ok(())
+}
+
+fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -> wgdelta::Result<Row> {
+    let decode = matches!(c.mode, Mode::Decode);
+    let host = model_like(d, c.dtype, GateSpace::Log, StateLayout::Kv, !decode, 11);
+    let opts = Options { output_final_state: !decode, algorithm: c.algo, ..Options::default() };
+    let mut passes: Vec<Vec<(String, f64)>> = Vec::new();
+    let mut gpu_ms = Vec::new();
+    let mut wall_ms = Vec::new();
+    let mut problem: Option<Problem> = None;
+    for (eng, is_timed) in [(timed, true), (plain, false)] {
+        let dev = host.upload(eng)?;
+        let pool = if decode {
+            Some(eng.upload(
+                "pool",
+                &wgdelta::HostTensor::from_f32(&[d.b, d.hv, d.k, d.v], &vec![0.01; d.b * d.hv * d.k * d.v]),
+            )?)
+        } else {
+            None
+        };
+        let slots: Vec<i64> = (0..d.b as i64).collect();
+        let x = dev.inputs();
+        if problem.is_none() {
+            problem = Some(Problem::new(&x.meta(), None, &opts, false)?);
+        }
+        let call = || -> wgdelta::Result<()> {
+            match &pool {
+                Some(p) => eng.decode(&x, p, &slots, &opts).map(drop),
+                None => eng.forward(&x, &opts).map(drop),
+            }
+        };
+        for _ in 0..a.warmup {
+            call()?;
+        }
+        eng.sync()?;
+        for _ in 0..a.runs {
+            let t0 = Instant::now();
+            call()?;
+            eng.sync()?;
+            let w = t0.elapsed().as_secs_f64() * 1e3;
+            if is_timed {
+                if let Some(p) = eng.last_profile() {
+                    gpu_ms.push(p.iter().map(|x| x.ns).sum::<f64>() * 1e-6);
+                    passes.push(p.iter().map(|x| (x.label.to_string(), x.ns * 1e-6)).collect());
+                }
+            } else {
+                wall_ms.push(w);
+            }
+        }
+    }
+    let p = problem.expect("set in the first loop");
+    let cost = match c.algo {
+        Algorithm::Chunked { chunk } => cost::chunked_forward(&p, chunk as usize, !decode, !decode),
+        _ => cost::recurrent_forward(&p, true, true),
+    };
+    // Median per pass label, in first-seen order.
+    let mut per_pass = Vec::new();
+    if let Some(first) = passes.first() {
+        for (i, (label, _)) in first.iter().enumerate() {
+            per_pass.push((label.clone(), median(passes.iter().filter_map(|r| r.get(i).map(|x| x.1)).collect())));
+        }
+    }
+    Ok(Row {
+        case: c,
+        gpu_ms: (!gpu_ms.is_empty()).then(|| median(gpu_ms)),
+        wall_ms: median(wall_ms),
+        cost,
+        passes: per_pass,
+    })
+}
+
+fn print_row(r: &Row, d: Dims, bw: Option<f64>, peak: Option<f64>) {
+    let c = r.case;
+    let t_ms = r.gpu_ms.unwrap_or(r.wall_ms);
+    let toks = (d.b * d.t) as f64;
+    let gbs = r.cost.bytes / (t_ms * 1e-3) / 1e9;
+    let tflops = r.cost.flops / (t_ms * 1e-3) / 1e12;
+    let floor = bw.map(|bw| r.cost.bytes / (bw * 1e9) * 1e3);
+    let flop_floor = peak.map(|p| r.cost.flops / (p * 1e12) * 1e3);
+    println!(
+        "{:<8} B={:<4} T={:<6} {:<5} {:<22} gpu {:>9} ms  wall {:>9.4} ms  {:>8.3} Mtok/s  {:>7.1} GB/s  {:>6.2} TFLOP/s  {}{}  [{}]",
+        format!("{:?}", c.mode),
+        c.b,
+        c.t,
+        c.dtype.to_string(),
+        format!("{:?}", c.algo),
+        r.gpu_ms.map(|g| format!("{g:.4}")).unwrap_or_else(|| "-".into()),
+        r.wall_ms,
+        toks / (t_ms * 1e-3) / 1e6,
+        gbs,
+        tflops,
+        floor.map(|f| format!("mem floor {f:.4} ms ({:.0}%)", 100.0 * f / t_ms)).unwrap_or_default(),
+        flop_floor.map(|f| format!(" flop floor {f:.4} ms")).unwrap_or_default(),
+        r.passes.iter().map(|(l, ms)| format!("{l} {ms:.4}")).collect::<Vec<_>>().join(", ")
+    );
+}
