@@ -151,7 +151,8 @@ impl Case {
         let beta = rng.uniforms(b * t * hv, 0.0, 1.0);
         let sshape = self.state_shape();
         let h0 = self.h0.then(|| rng.normals(sshape.iter().product()).iter().map(|x| 0.5 * x).collect::<Vec<_>>());
-        let mask = self.mask.then(|| (0..b * t).map(|i| if (i * 7 + 3) % 5 == 0 { 0u8 } else { 1u8 }).collect::<Vec<u8>>());
+        let mask =
+            self.mask.then(|| (0..b * t).map(|i| if (i * 7 + 3) % 5 == 0 { 0u8 } else { 1u8 }).collect::<Vec<u8>>());
         let rt = |shape: &[usize], x: &[f64], dt: DType| HostTensor::from_f64(shape, x, dt);
         let q = rt(&[b, t, h, k], &q, self.dtype);
         let kk = rt(&[b, t, h, k], &kk, self.dtype);
@@ -254,7 +255,8 @@ pub fn reference_forward(c: &Case, d: &CaseData) -> reference::RefOutputs {
 pub fn check_forward(e: &Engine, c: &Case) -> (f64, f64) {
     let d = c.data();
     let dev = d.upload(e);
-    let out = e.forward(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts).unwrap_or_else(|err| panic!("{}: {err}", c.label()));
+    let out =
+        e.forward(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts).unwrap_or_else(|err| panic!("{}: {err}", c.label()));
     let o = e.download(&out.o).expect("download o").to_f32();
     let r = reference_forward(c, &d);
     let eo = rel_err(&o, &r.o);
@@ -266,4 +268,98 @@ pub fn check_forward(e: &Engine, c: &Case) -> (f64, f64) {
     println!("{:<110} o {eo:.2e}  ht {eh:.2e}  (tol {tol:.0e})", c.label());
     assert!(eo <= tol && eh <= tol, "{}: o err {eo:.3e}, ht err {eh:.3e} above {tol:.0e}", c.label());
     (eo, eh)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue-2 suite helpers (forward / decode / errors / naga tests).
+// ---------------------------------------------------------------------------------------------
+
+/// An engine on its own device with a forced recurrent tiling (checked shaders, poisoned outputs).
+/// `subgroups = false` opens the device without the SUBGROUP feature.
+pub fn engine_with_tiles(tiles: Option<wgdelta::kernels::recurrent::Tiles>, subgroups: bool) -> Engine {
+    let disable = if subgroups { wgpu::Features::empty() } else { wgpu::Features::SUBGROUP };
+    let gpu =
+        Gpu::with_options(&GpuOptions { shader_checks: Some(true), disable_features: disable, ..Default::default() })
+            .expect("a GPU adapter");
+    Engine::with_settings(gpu, Settings { poison_outputs: Some(true), recurrent_tiles: tiles, ..Default::default() })
+}
+
+/// GPU forward of a case against the float64 reference, without asserting: `(o error, ht error)`.
+/// The ht error is `None` when the case does not ask for the final state (and then the engine must
+/// not return one). Device or validation errors are returned as such.
+pub fn forward_errors(e: &Engine, c: &Case) -> Result<(f64, Option<f64>)> {
+    let d = c.data();
+    forward_errors_with(e, c, &d)
+}
+
+/// [`forward_errors`] on given host data (for cases whose data the test altered).
+pub fn forward_errors_with(e: &Engine, c: &Case, d: &CaseData) -> Result<(f64, Option<f64>)> {
+    let dev = d.upload(e);
+    let out = e.forward(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts)?;
+    let o = e.download(&out.o)?.to_f32();
+    let r = reference_forward(c, d);
+    let eo = rel_err(&o, &r.o);
+    let eh = match &out.ht {
+        Some(ht) => {
+            assert!(c.opts.output_final_state, "{}: ht returned without output_final_state", c.label());
+            assert_eq!(ht.shape(), &c.state_shape()[..], "{}: ht shape", c.label());
+            Some(rel_err(&e.download(ht)?.to_f32(), &r.ht))
+        }
+        None => {
+            assert!(!c.opts.output_final_state, "{}: output_final_state set but no ht returned", c.label());
+            None
+        }
+    };
+    Ok((eo, eh))
+}
+
+/// Runs every case, prints its error figures, and fails at the end listing every case above the
+/// SPEC tolerance (NaN/Inf count as infinite error). `tag` prefixes the printed lines.
+pub fn check_all(e: &Engine, tag: &str, cases: &[Case]) {
+    let mut bad = Vec::new();
+    for c in cases {
+        let tol = fwd_tol(c.dtype);
+        let t0 = std::time::Instant::now();
+        let res = forward_errors(e, c);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        match res {
+            Ok((eo, eh)) => {
+                let ehs = eh.map(|x| format!("{x:.2e}")).unwrap_or_else(|| "-".into());
+                let ok = eo <= tol && eh.is_none_or(|x| x <= tol);
+                println!(
+                    "[{tag}] {:<120} o {eo:.2e}  ht {ehs:>8}  tol {tol:.0e} {:>6.0} ms {}",
+                    c.label(),
+                    ms,
+                    if ok { "" } else { "FAIL" }
+                );
+                if !ok {
+                    bad.push(format!("{}: o {eo:.3e} ht {ehs}", c.label()));
+                }
+            }
+            Err(err) => {
+                println!("[{tag}] {:<120} ERROR {err}", c.label());
+                bad.push(format!("{}: error {err}", c.label()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "[{tag}] {} of {} cases failed:\n{}", bad.len(), cases.len(), bad.join("\n"));
+}
+
+/// Tokens `t0..t1` of every batch row of a `[B, T, ...]` host tensor (any dtype).
+pub fn slice_tokens(x: &HostTensor, t0: usize, t1: usize) -> HostTensor {
+    let (b, t) = (x.shape[0], x.shape[1]);
+    assert!(t0 <= t1 && t1 <= t);
+    let row: usize = x.shape[2..].iter().product::<usize>() * x.dtype.size();
+    let mut bytes = Vec::with_capacity(b * (t1 - t0) * row);
+    for bi in 0..b {
+        bytes.extend_from_slice(&x.bytes[(bi * t + t0) * row..(bi * t + t1) * row]);
+    }
+    let mut shape = x.shape.clone();
+    shape[1] = t1 - t0;
+    HostTensor { shape, dtype: x.dtype, bytes }
+}
+
+/// The same host values in another float dtype (exact when widening).
+pub fn recast(x: &HostTensor, dtype: DType) -> HostTensor {
+    HostTensor::from_f64(&x.shape, &x.to_f64(), dtype)
 }

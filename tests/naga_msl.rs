@@ -1,0 +1,300 @@
+//! Every WGSL kernel, in every reduction variant, goes through naga the way wgpu's Metal and Vulkan
+//! backends take it: WGSL front end, validation, override constants from real pipeline keys, then
+//! MSL and SPIR-V. No GPU needed: this is what keeps the Metal path honest on a Linux machine.
+use std::collections::BTreeMap;
+use wgdelta::device::Caps;
+use wgdelta::kernels::recurrent::{RecurrentSpec, StateSrc, Tiles};
+use wgdelta::kernels::{assemble, Kernel, PipelineKey, Reduce};
+use wgdelta::problem::{InputsMeta, TensorMeta};
+use wgdelta::{DType, GateKind, GateSpace, Options, Problem, StateLayout};
+
+use naga::valid::{Capabilities, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator};
+
+/// A device description for `Tiles::choose`: Apple-like subgroups of 32, or none.
+fn caps(subgroup: bool) -> Caps {
+    Caps {
+        f16: true,
+        f64: false,
+        subgroup,
+        subgroup_min: if subgroup { 32 } else { 0 },
+        subgroup_max: if subgroup { 32 } else { 0 },
+        f32_atomic: false,
+        timestamp: false,
+        passthrough: false,
+        coop_matrix: Vec::new(),
+        max_binding: 1 << 30,
+        max_buffer: 1 << 30,
+        max_workgroup_storage: 32768,
+        max_invocations: 1024,
+        max_storage_buffers: 31,
+        max_workgroups_per_dim: 65535,
+    }
+}
+
+/// Capabilities every kernel may assume. `unpack2x16float` (the f16 loader in `wgsl/prelude.wgsl`)
+/// needs SHADER_FLOAT16_IN_FLOAT32, i.e. wgpu's `DownlevelFlags::SHADER_F16_IN_F32`, which Vulkan on
+/// Mesa lacks when the device has no `shaderFloat16` (see the issue-2 report).
+const BASE: Capabilities = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+
+fn validator(caps: Capabilities) -> Validator {
+    let mut v = Validator::new(ValidationFlags::all(), caps);
+    if caps.contains(Capabilities::SUBGROUP) {
+        v.subgroup_stages(ShaderStages::COMPUTE);
+        v.subgroup_operations(SubgroupOperationSet::all());
+    }
+    v
+}
+
+/// A validated problem: `[1, 4, H, K]`, `[1, 4, HV, V]` with the given options.
+#[allow(clippy::too_many_arguments)]
+fn problem(
+    h: usize,
+    hv: usize,
+    k: usize,
+    v: usize,
+    dt: DType,
+    gate: GateKind,
+    opts: Options,
+    mask: bool,
+    h0: bool,
+    varlen: bool,
+) -> Problem {
+    let (b, t) = (1, 4);
+    let cu: &[i64] = &[0, 1, 4];
+    let n = if varlen { 2 } else { b };
+    let gshape: Vec<usize> = match gate {
+        GateKind::Scalar => vec![b, t, hv],
+        GateKind::PerKey => vec![b, t, hv, k],
+    };
+    let sshape = match opts.state_layout {
+        StateLayout::Kv => [n, hv, k, v],
+        StateLayout::Vk => [n, hv, v, k],
+    };
+    let m = InputsMeta {
+        q: Some(TensorMeta::new(&[b, t, h, k], dt)),
+        k: Some(TensorMeta::new(&[b, t, h, k], dt)),
+        v: Some(TensorMeta::new(&[b, t, hv, v], dt)),
+        g: Some(TensorMeta::new(&gshape, if dt == DType::BF16 { DType::F32 } else { dt })),
+        beta: Some(TensorMeta::new(&[b, t, hv], dt)),
+        h0: h0.then(|| TensorMeta::new(&sshape, DType::F32)),
+        mask: mask.then(|| TensorMeta::new(&[b, t], DType::U8)),
+        ..Default::default()
+    };
+    Problem::new(&m, varlen.then_some(cu), &opts, false).expect("valid problem")
+}
+
+/// Real pipeline keys of `kernel` in variant `reduce`, over head dims, dtypes, gates, conventions,
+/// masks and state sources (what `ops::recurrent` would build), with a label each.
+fn keys(kernel: Kernel, reduce: Reduce) -> Vec<(String, PipelineKey)> {
+    assert_eq!(kernel, Kernel::RecurrentFwd, "add the new kernel's keys here");
+    let c = caps(reduce == Reduce::Subgroup);
+    let dts = [DType::F32, DType::F16, DType::BF16];
+    let srcs = [
+        (StateSrc::Zeros, false, false),
+        (StateSrc::H0, true, false),
+        (StateSrc::InPlace, true, true),
+        (StateSrc::Zeros, true, false),
+    ];
+    let mut out = Vec::new();
+    for (i, (k, v)) in
+        [(16, 16), (32, 64), (64, 32), (128, 128), (192, 64), (256, 256), (256, 16)].into_iter().enumerate()
+    {
+        for (j, dt) in dts.into_iter().enumerate() {
+            let n = i * 3 + j;
+            let mut opts = if n % 2 == 0 { Options::default() } else { Options::mlx() };
+            if n % 5 == 0 {
+                opts.gate_space = GateSpace::Linear;
+            }
+            let gate = if n % 3 == 0 { GateKind::PerKey } else { GateKind::Scalar };
+            let (h, hv) = [(1, 1), (2, 4), (1, 4)][n % 3];
+            let (src, store, slots) = srcs[n % 4];
+            let varlen = n % 4 == 3;
+            let p = problem(h, hv, k, v, dt, gate, opts, n % 2 == 1, src == StateSrc::H0, varlen);
+            // Both tilings: decode (a few tokens) and long sequences.
+            let max_len = if n % 2 == 0 { 1 } else { 4096 };
+            let tiles = Tiles::choose(k, v, max_len, &c);
+            assert_eq!(tiles.reduce, reduce, "K={k}: Tiles::choose on {c:?} picked {:?}", tiles.reduce);
+            assert!(tiles.valid(k, v, &c), "chosen tiles {tiles:?} invalid for K={k} V={v}");
+            let spec = RecurrentSpec { tiles, state_src: src, store_state: store, use_slots: slots };
+            let label = format!(
+                "K={k} V={v} {dt} {:?} {:?}/{:?} H={h} HV={hv} {src:?} store={store} slots={slots} varlen={varlen} len={max_len} KT={} KR={} BV={}",
+                gate, opts.gate_space, opts.state_layout, tiles.kt, tiles.kr, tiles.bv
+            );
+            out.push((label, spec.key(&p)));
+        }
+    }
+    // Extreme forced tilings too: one column per workgroup, and KT beyond K.
+    let p = problem(1, 1, 32, 32, DType::F32, GateKind::Scalar, Options::default(), false, false, false);
+    for tiles in [Tiles { kt: 2, kr: 16, bv: 1, reduce }, Tiles { kt: 32, kr: 1, bv: 8, reduce }] {
+        let spec = RecurrentSpec { tiles, state_src: StateSrc::Zeros, store_state: true, use_slots: false };
+        out.push((format!("forced {tiles:?}"), spec.key(&p)));
+    }
+    out
+}
+
+fn variants(kernel: Kernel) -> Vec<Reduce> {
+    if kernel.reduces() {
+        vec![Reduce::Subgroup, Reduce::Workgroup]
+    } else {
+        vec![Reduce::Workgroup]
+    }
+}
+
+/// Parse, validate, specialise and translate every kernel variant to MSL and SPIR-V.
+#[test]
+fn every_kernel_to_msl_and_spirv() {
+    let mut failures = Vec::new();
+    for kernel in Kernel::ALL {
+        for reduce in variants(kernel) {
+            let src = assemble(kernel, reduce);
+            let name = format!("{} ({reduce:?})", kernel.label());
+            let module = match naga::front::wgsl::parse_str(&src) {
+                Ok(m) => m,
+                Err(e) => panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(&src)),
+            };
+            let info = match validator(Capabilities::all()).validate(&module) {
+                Ok(i) => i,
+                Err(e) => panic!("{name}: validation error:\n{}", e.emit_to_string(&src)),
+            };
+            // The portable variant needs no optional capability beyond BASE; the subgroup one adds
+            // SUBGROUP only.
+            let bare = validator(BASE).validate(&module);
+            match reduce {
+                Reduce::Workgroup => {
+                    if let Err(e) = bare {
+                        panic!("{name}: needs an optional capability beyond {BASE:?}:\n{}", e.emit_to_string(&src));
+                    }
+                }
+                Reduce::Subgroup => {
+                    assert!(bare.is_err(), "{name}: the subgroup variant validated without SUBGROUP");
+                    validator(BASE | Capabilities::SUBGROUP)
+                        .validate(&module)
+                        .unwrap_or_else(|e| panic!("{name}: needs more than SUBGROUP:\n{}", e.emit_to_string(&src)));
+                }
+            }
+            let strict = validator(Capabilities::empty()).validate(&module).is_ok();
+            println!("{name}: validates with no optional capability at all: {strict}");
+            let overrides: Vec<String> = module.overrides.iter().filter_map(|(_, o)| o.name.clone()).collect();
+            println!("{name}: {} bytes of WGSL, overrides {overrides:?}", src.len());
+
+            let keys = keys(kernel, reduce);
+            let mut sizes: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+            for (label, key) in &keys {
+                assert_eq!(key.kernel, kernel);
+                assert_eq!(key.reduce, reduce);
+                let mut constants = naga::back::PipelineConstants::default();
+                for &(n, bits) in &key.constants {
+                    constants.insert(n.to_string(), f64::from_bits(bits));
+                }
+                let ep = Some((naga::ShaderStage::Compute, "main"));
+                let (m, i) = match naga::back::pipeline_constants::process_overrides(&module, &info, ep, &constants) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        failures.push(format!("{name} [{label}]: overrides: {e}"));
+                        continue;
+                    }
+                };
+                // The workgroup size override resolved to KT * BV.
+                let get = |n: &str| key.constants.iter().find(|c| c.0 == n).map(|c| f64::from_bits(c.1) as u32);
+                let ep = &m.entry_points[0];
+                assert!(ep.workgroup_size_overrides.is_none(), "{name} [{label}]: workgroup size still an override");
+                if let (Some(kt), Some(bv)) = (get("KT"), get("BV")) {
+                    assert_eq!(ep.workgroup_size, [kt * bv, 1, 1], "{name} [{label}]: workgroup size");
+                }
+                // MSL as wgpu's Metal backend writes it: unchecked (release) and Restrict (checked builds).
+                let mut msl_len = [0usize; 2];
+                for (slot, policy) in
+                    [naga::proc::BoundsCheckPolicy::Unchecked, naga::proc::BoundsCheckPolicy::Restrict]
+                        .into_iter()
+                        .enumerate()
+                {
+                    let opts = naga::back::msl::Options {
+                        lang_version: (2, 4),
+                        bounds_check_policies: naga::proc::BoundsCheckPolicies {
+                            index: policy,
+                            buffer: policy,
+                            image_load: policy,
+                            binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+                        },
+                        zero_initialize_workgroup_memory: false,
+                        ..Default::default()
+                    };
+                    let popts = naga::back::msl::PipelineOptions {
+                        entry_point: Some((naga::ShaderStage::Compute, "main".into())),
+                        ..Default::default()
+                    };
+                    match naga::back::msl::write_string(&m, &i, &opts, &popts) {
+                        Ok((msl, _)) => {
+                            assert!(
+                                msl.contains("kernel void main"),
+                                "{name} [{label}]: no compute entry point in MSL"
+                            );
+                            if reduce == Reduce::Subgroup {
+                                assert!(
+                                    msl.contains("simd_shuffle_xor"),
+                                    "{name} [{label}]: subgroup variant without simd_shuffle_xor"
+                                );
+                            } else {
+                                assert!(
+                                    !msl.contains("simd_"),
+                                    "{name} [{label}]: workgroup variant uses simd_ builtins"
+                                );
+                            }
+                            msl_len[slot] = msl.len();
+                        }
+                        Err(e) => failures.push(format!("{name} [{label}]: MSL ({policy:?}): {e:?}")),
+                    }
+                }
+                let spv_opts = naga::back::spv::Options { lang_version: (1, 3), ..Default::default() };
+                let spv_pipe = naga::back::spv::PipelineOptions {
+                    shader_stage: naga::ShaderStage::Compute,
+                    entry_point: "main".into(),
+                };
+                let spv_len = match naga::back::spv::write_vec(&m, &i, &spv_opts, Some(&spv_pipe)) {
+                    Ok(words) => {
+                        assert_eq!(words.first(), Some(&0x0723_0203), "{name} [{label}]: SPIR-V magic");
+                        words.len() * 4
+                    }
+                    Err(e) => {
+                        failures.push(format!("{name} [{label}]: SPIR-V: {e:?}"));
+                        0
+                    }
+                };
+                println!("  {label:<100} MSL {:>6} B (checked {:>6} B)  SPIR-V {spv_len:>6} B", msl_len[0], msl_len[1]);
+                sizes.insert(label.clone(), (msl_len[0], msl_len[1], spv_len));
+            }
+            let (lo, hi) = sizes.values().fold((usize::MAX, 0), |(lo, hi), s| (lo.min(s.0), hi.max(s.0)));
+            println!("{name}: {} specialisations, MSL {lo}..{hi} bytes", sizes.len());
+        }
+    }
+    assert!(failures.is_empty(), "{} translation failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The keys name only constants the WGSL declares, and every override without a default is given
+/// (process_overrides fails otherwise; this checks the two lists directly for a clearer message).
+#[test]
+fn keys_match_declared_overrides() {
+    for kernel in Kernel::ALL {
+        for reduce in variants(kernel) {
+            let module = naga::front::wgsl::parse_str(&assemble(kernel, reduce)).expect("parses");
+            let declared: Vec<(String, bool)> =
+                module.overrides.iter().filter_map(|(_, o)| o.name.clone().map(|n| (n, o.init.is_some()))).collect();
+            for (label, key) in keys(kernel, reduce) {
+                for &(n, _) in &key.constants {
+                    assert!(
+                        declared.iter().any(|(d, _)| d == n),
+                        "{label}: key constant {n} is not declared in the WGSL"
+                    );
+                }
+                for (d, has_default) in &declared {
+                    if !has_default {
+                        assert!(
+                            key.constants.iter().any(|&(n, _)| n == d),
+                            "{label}: override {d} has no default and no value"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
