@@ -94,41 +94,6 @@ fn tile_rc(e: u32) -> vec2<u32> {
     return vec2<u32>(e / BV, e % BV);
 }
 
-// What one thread reads of one token: its rows of k and q, its decays (gate value, log or linear
-// as given), and its column's v and the head's beta.
-struct Token {
-    k: array<f32, MAX_KR>,
-    q: array<f32, MAX_KR>,
-    d: array<f32, MAX_KR>,
-    v: f32,
-    beta: f32,
-}
-
-fn load_token(row: u32, hv: u32, hk: u32, r: u32, j: u32) -> Token {
-    var tk: Token;
-    let kq_base = (row * H + hk) * K;
-    let hrow = row * HV + hv;
-    var g_scalar = 0.0;
-    if (!GATE_PER_KEY) {
-        g_scalar = ld_g(hrow);
-    }
-    for (var m = 0u; m < KR; m++) {
-        let i = r + KT * m;
-        let ok = i < K;
-        let ic = min(i, K - 1u);
-        tk.k[m] = select(0.0, ld_k(kq_base + ic), ok);
-        tk.q[m] = select(0.0, ld_q(kq_base + ic), ok);
-        if (GATE_PER_KEY) {
-            tk.d[m] = ld_g(hrow * K + ic);
-        } else {
-            tk.d[m] = g_scalar;
-        }
-    }
-    tk.v = ld_v(hrow * V + j);
-    tk.beta = ld_beta(hrow);
-    return tk;
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = wid.y + wid.z * P.wg_per_row;
@@ -179,35 +144,49 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         s[m] = select(0.0, tile[min(i, K - 1u) * BV + c], i < K);
     }
 
-    // Software pipeline: the inputs of token row+1 are loaded while token row is computed.
-    var cur: Token;
-    if (bounds.x < bounds.y) {
-        cur = load_token(bounds.x, hv, hk, r, j);
-    }
+    var kk: array<f32, MAX_KR>;
+    var qq: array<f32, MAX_KR>;
     for (var row = bounds.x; row < bounds.y; row++) {
-        let nxt = load_token(min(row + 1u, bounds.y - 1u), hv, hk, r, j);
+        let kq_base = (row * H + hk) * K;
+        let hrow = row * HV + hv;
         var live = true;
         if (HAS_MASK) {
             live = byte_of(info[P.mask_off + row / 4u], row) != 0u;
         }
+        var d_scalar = 1.0;
+        if (!GATE_PER_KEY) {
+            d_scalar = ld_g(hrow);
+            if (!GATE_LINEAR) {
+                d_scalar = exp(d_scalar);
+            }
+        }
+        let v_j = ld_v(hrow * V + j);
+        let beta_h = ld_beta(hrow);
         var part = vec3<f32>(0.0);
         for (var m = 0u; m < KR; m++) {
-            var d = cur.d[m];
-            if (!GATE_LINEAR) {
-                d = exp(d);
+            let i = r + KT * m;
+            let ok = i < K;
+            let ic = min(i, K - 1u);
+            kk[m] = select(0.0, ld_k(kq_base + ic), ok);
+            qq[m] = select(0.0, ld_q(kq_base + ic), ok);
+            var d = d_scalar;
+            if (GATE_PER_KEY) {
+                d = ld_g(hrow * K + ic);
+                if (!GATE_LINEAR) {
+                    d = exp(d);
+                }
             }
             s[m] = s[m] * select(1.0, d, live);
-            part += vec3<f32>(s[m] * cur.k[m], s[m] * cur.q[m], cur.k[m] * cur.q[m]);
+            part += vec3<f32>(s[m] * kk[m], s[m] * qq[m], kk[m] * qq[m]);
         }
         let tot = column_sum(part, lid, row & 1u);
-        let u = select(0.0, cur.beta * (cur.v - tot.x), live);
+        let u = select(0.0, beta_h * (v_j - tot.x), live);
         for (var m = 0u; m < KR; m++) {
-            s[m] += cur.k[m] * u;
+            s[m] += kk[m] * u;
         }
         if (r == 0u) {
-            o[(row * HV + hv) * V + j] = select(0.0, P.scale * (tot.y + u * tot.z), live);
+            o[hrow * V + j] = select(0.0, P.scale * (tot.y + u * tot.z), live);
         }
-        cur = nxt;
     }
 
     if (STORE_STATE) {

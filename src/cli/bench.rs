@@ -3,6 +3,8 @@
 
 use super::demo::parse_dtype;
 use std::time::Instant;
+use wgdelta::kernels::recurrent::Tiles;
+use wgdelta::kernels::Reduce;
 use wgdelta::ops::cost::{self, Cost};
 use wgdelta::synth::model_like;
 use wgdelta::{Algorithm, DType, Dims, Engine, GateSpace, Gpu, Options, Problem, Settings, StateLayout};
@@ -29,6 +31,10 @@ pub struct BenchArgs {
     /// Write results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Recurrent tilings to compare, `KT,KR,BV` separated by `;` (e.g. `16,8,8;8,16,32`); each runs
+    /// every case. Default: the device's own choice.
+    #[arg(long)]
+    pub tiles: Option<String>,
     /// Override heads/dims: H, HV, K, V.
     #[arg(long, num_args = 4, value_names = ["H", "HV", "K", "V"])]
     pub heads: Option<Vec<usize>>,
@@ -83,6 +89,21 @@ fn preset(name: &str) -> Vec<Case> {
     v
 }
 
+/// `KT,KR,BV;...` -> forced tilings (subgroup reduction where it fits); `None` = the device's choice.
+fn parse_tiles(s: Option<&str>, caps: &wgdelta::Caps) -> wgdelta::Result<Vec<Option<Tiles>>> {
+    let Some(s) = s else { return Ok(vec![None]) };
+    s.split(';')
+        .map(|t| {
+            let n: Vec<u32> = t.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            let [kt, kr, bv] = n[..] else {
+                return Err(wgdelta::Error::Option { name: "tiles", why: format!("`{t}`: expected KT,KR,BV") });
+            };
+            let reduce = if caps.subgroup && kt <= caps.subgroup_min { Reduce::Subgroup } else { Reduce::Workgroup };
+            Ok(Some(Tiles { kt, kr, bv, reduce }))
+        })
+        .collect()
+}
+
 fn median(mut x: Vec<f64>) -> f64 {
     if x.is_empty() {
         return f64::NAN;
@@ -115,21 +136,29 @@ pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
         Some([h, hv, k, v]) => (*h, *hv, *k, *v),
         _ => (16, 32, 128, 128),
     };
-    let timed = Engine::with_settings(gpu.clone(), Settings { profile: true, ..Default::default() });
-    let plain = Engine::with_settings(gpu.clone(), Settings::default());
     eprintln!("wgdelta bench on {name} ({:?}); timestamps: {}", gpu.adapter_info().backend, gpu.caps().timestamp);
     let mut rows = Vec::new();
-    for case in preset(&a.preset) {
-        if filter.is_some_and(|f| f != case.dtype) {
-            continue;
+    for tiles in parse_tiles(a.tiles.as_deref(), gpu.caps())? {
+        if let Some(t) = tiles {
+            println!("-- tiles {t:?}");
         }
-        let d = Dims { b: case.b, t: case.t, h, hv, k, v };
-        match bench_case(&timed, &plain, d, case, a) {
-            Ok(r) => {
-                print_row(&r, d, bw, peak);
-                rows.push(r);
+        let timed = Engine::with_settings(
+            gpu.clone(),
+            Settings { profile: true, recurrent_tiles: tiles, ..Default::default() },
+        );
+        let plain = Engine::with_settings(gpu.clone(), Settings { recurrent_tiles: tiles, ..Default::default() });
+        for case in preset(&a.preset) {
+            if filter.is_some_and(|f| f != case.dtype) {
+                continue;
             }
-            Err(e) => eprintln!("  {case:?}: skipped: {e}"),
+            let d = Dims { b: case.b, t: case.t, h, hv, k, v };
+            match bench_case(&timed, &plain, d, case, a) {
+                Ok(r) => {
+                    print_row(&r, d, bw, peak);
+                    rows.push(r);
+                }
+                Err(e) => eprintln!("  {case:?}: skipped: {e}"),
+            }
         }
     }
     if let Some(path) = &a.json {
