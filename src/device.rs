@@ -231,7 +231,10 @@ impl Gpu {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|e| Error::Device { context: format!("request_device on {}", info.name), message: e.to_string() })?;
+            .map_err(|e| Error::Device {
+                context: format!("request_device on {}", info.name),
+                message: e.to_string(),
+            })?;
 
         let lost = Arc::new(Mutex::new(None));
         let lost2 = lost.clone();

@@ -38,7 +38,12 @@ impl Pool {
         }
         gpu.check_size(label, size)?;
         let buffer = gpu.scoped(label, || {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
         })?;
         if let Ok(mut l) = self.live_bytes.lock() {
             l.0 += size;
@@ -189,8 +194,10 @@ impl<'a> PassGraph<'a> {
                             beginning_of_pass_write_index: Some(2 * pass_i),
                             end_of_pass_write_index: Some(2 * pass_i + 1),
                         });
-                        let mut cp =
-                            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: tw });
+                        let mut cp = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some(label),
+                            timestamp_writes: tw,
+                        });
                         cp.set_pipeline(pipeline);
                         cp.set_bind_group(0, bind_group, &[]);
                         cp.dispatch_workgroups(grid[0], grid[1], grid[2]);

@@ -36,7 +36,14 @@ impl Engine {
 }
 
 /// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
-pub(crate) fn record(eng: &Engine, graph: &mut PassGraph, p: &Problem, x: &Inputs, o: &Tensor, io: StateIo) -> Result<()> {
+pub(crate) fn record(
+    eng: &Engine,
+    graph: &mut PassGraph,
+    p: &Problem,
+    x: &Inputs,
+    o: &Tensor,
+    io: StateIo,
+) -> Result<()> {
     let tiles = eng.recurrent_tiles(p)?;
     let d = &p.dims;
     let n = p.n_seqs();
