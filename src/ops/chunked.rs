@@ -24,6 +24,8 @@ use crate::problem::Problem;
 use crate::tensor::padded;
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
+/// Intermediates may be copied out (stage tests; a backward keeping what the forward saved).
+const SAVED: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC);
 
 /// Splits `n` workgroups over the grid's y and z axes: (y extent, z extent).
 fn split(n: usize, max: u32) -> (u32, u32) {
@@ -33,6 +35,30 @@ fn split(n: usize, max: u32) -> (u32, u32) {
 
 /// Forward by the chunked passes with chunks of `chunk` tokens: `o`, and `ht` when asked.
 pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Result<Outputs> {
+    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
+    let mut graph = eng.graph();
+    let (out, _) = record(eng, &mut graph, p, x, chunk, budget)?;
+    eng.submit(graph)?;
+    Ok(out)
+}
+
+/// The scratch buffers of the last window recorded, in the layouts of `wgsl/chunk_common.wgsl`.
+pub(crate) struct Saved {
+    pub bufs: [wgpu::Buffer; 7],
+    pub sizes: [u64; 7],
+    /// The last window's local chunks: (start row, len, sequence).
+    pub chunks: Vec<[u32; 3]>,
+}
+
+/// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes.
+fn record(
+    eng: &Engine,
+    graph: &mut PassGraph,
+    p: &Problem,
+    x: &Inputs,
+    chunk: u32,
+    budget: u64,
+) -> Result<(Outputs, Saved)> {
     let d = &p.dims;
     let c = chunk as usize;
     let n = p.n_seqs();
@@ -40,9 +66,6 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Resu
     let spec = ChunkSpec::choose(chunk, d.k, d.v);
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
-    let mut graph = eng.graph();
-
-    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
     let max_local = max_local_chunks(p, c, budget, caps.max_binding);
     let wins = windows(p, c, max_local);
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
@@ -65,14 +88,15 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Resu
         graph.copy(&m.buffer, 0, &info, mask_off as u64 * 4, mask_bytes);
     }
 
-    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h] = scratch_per_chunk(p, c).map(|b| b * l);
-    let gc = graph.scratch("wgdelta.chunk.gc", b_gc, STORAGE)?;
-    let bm = graph.scratch("wgdelta.chunk.beta", b_bm, STORAGE)?;
-    let a = graph.scratch("wgdelta.chunk.a", b_a, STORAGE)?;
-    let w = graph.scratch("wgdelta.chunk.w", b_w, STORAGE)?;
-    let u = graph.scratch("wgdelta.chunk.u", b_u, STORAGE)?;
-    let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, STORAGE)?;
-    let h = graph.scratch("wgdelta.chunk.h", b_h, STORAGE)?;
+    let sizes = scratch_per_chunk(p, c).map(|b| b * l);
+    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h] = sizes;
+    let gc = graph.scratch("wgdelta.chunk.gc", b_gc, SAVED)?;
+    let bm = graph.scratch("wgdelta.chunk.beta", b_bm, SAVED)?;
+    let a = graph.scratch("wgdelta.chunk.a", b_a, SAVED)?;
+    let w = graph.scratch("wgdelta.chunk.w", b_w, SAVED)?;
+    let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
+    let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, SAVED)?;
+    let h = graph.scratch("wgdelta.chunk.h", b_h, SAVED)?;
     // The state carried between windows: ht itself when asked for, else scratch.
     let carry_scratch = match &ht {
         Some(_) => None,
@@ -103,7 +127,7 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Resu
         let ps =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
-            record_chunk_passes(&mut graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
+            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
         }
         graph.dispatch(
             &spec.key(Kernel::ChunkState, p),
@@ -118,8 +142,65 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Resu
             )?;
         }
     }
-    eng.submit(graph)?;
-    Ok(Outputs { o, ht })
+    let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
+    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks }))
+}
+
+/// Intermediate results of the chunked forward (tests compare them with `reference::chunked`
+/// stage by stage). Per local chunk, padded to C rows, as laid out in `wgsl/chunk_common.wgsl`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ChunkStages {
+    pub out: Outputs,
+    /// (start row, len, sequence) per chunk.
+    pub chunks: Vec<[u32; 3]>,
+    /// `[L, HV, C]`
+    pub gc: Vec<f32>,
+    /// `[L, HV, C]`
+    pub beta: Vec<f32>,
+    /// `[L, HV, C, C]`
+    pub a: Vec<f32>,
+    /// `[L, HV, C, K]`
+    pub w: Vec<f32>,
+    /// `[L, HV, C, V]`
+    pub u: Vec<f32>,
+    /// `[L, HV, C, V]`
+    pub v_new: Vec<f32>,
+    /// `[L, HV, K, V]`
+    pub h: Vec<f32>,
+}
+
+impl Engine {
+    /// Runs the chunked forward in one window and returns its intermediates (for stage tests).
+    #[doc(hidden)]
+    pub fn chunked_stages(&self, x: &Inputs, opts: &crate::problem::Options, chunk: u32) -> Result<ChunkStages> {
+        let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
+        if let Some(why) = super::chunked_unsupported(&p) {
+            return Err(crate::error::Error::Unsupported(why));
+        }
+        let mut graph = self.graph();
+        let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX)?;
+        let mut copies = Vec::new();
+        for (b, &size) in saved.bufs.iter().zip(&saved.sizes) {
+            let t = self.gpu.empty("wgdelta.chunk.stage", &[(size / 4) as usize], crate::problem::DType::F32)?;
+            graph.copy(b, 0, &t.buffer, 0, size);
+            copies.push(t);
+        }
+        self.submit(graph)?;
+        let mut v = copies.iter().map(|t| self.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?;
+        let mut next = || v.remove(0);
+        Ok(ChunkStages {
+            out,
+            chunks: saved.chunks,
+            gc: next(),
+            beta: next(),
+            a: next(),
+            w: next(),
+            u: next(),
+            v_new: next(),
+            h: next(),
+        })
+    }
 }
 
 /// Records the passes before the state walk: cumsum, kkt_solve, wu.
