@@ -18,10 +18,8 @@ fn chunked(c: &Case, chunk: u32) -> Case {
 /// Checks `c` with the chunked algorithm for each chunk size, and with the recurrent one.
 fn check_both(e: &Engine, c: &Case, chunks: &[u32]) {
     for &chunk in chunks {
-        print!("chunked {chunk:>2}  ");
         check_forward(e, &chunked(c, chunk));
     }
-    print!("recurrent   ");
     check_forward(e, &with_algo(c, Algorithm::Recurrent));
 }
 

@@ -11,7 +11,8 @@
 //
 // Grid: (HV * V / BV, sequences on y/z): sequential over chunks, parallel over sequences, heads and
 // tiles of BV value columns. The K x BV state tile and the chunk's C x BV v_new tile live in
-// workgroup memory.
+// workgroup memory. v_new: thread (i, column group) computes 4 columns of row i (one w load per 4
+// FMAs); the update: thread (row group, column group) owns RM rows x 4 columns of S in registers.
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
@@ -76,31 +77,54 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var e = lid; e < K * BV; e += WG) {
             h[hbase + (e / BV) * V + e % BV] = s[e];
         }
-        for (var e = lid; e < C * BV; e += WG) {
-            let i = e / BV;
-            let c = e % BV;
-            var x = 0.0;
+        let cg = lid % (BV / 4u);
+        let c4 = cg * 4u;
+        let vi = lid / (BV / 4u);
+        for (var i = vi; i < C; i += WG / (BV / 4u)) {
+            var acc = vec4<f32>(0.0);
             if (i < ch.y) {
-                var acc = u[(hb + i) * V + j0 + c];
+                let ub = (hb + i) * V + j0 + c4;
+                acc = vec4<f32>(u[ub], u[ub + 1u], u[ub + 2u], u[ub + 3u]);
                 let wb = (hb + i) * K;
                 for (var m = 0u; m < K; m++) {
-                    acc -= w[wb + m] * s[m * BV + c];
+                    let sb = m * BV + c4;
+                    acc -= w[wb + m] * vec4<f32>(s[sb], s[sb + 1u], s[sb + 2u], s[sb + 3u]);
                 }
-                x = acc;
             }
-            vt[e] = x;
-            vn[(hb + i) * V + j0 + c] = x;
+            let vb = (hb + i) * V + j0 + c4;
+            for (var cc = 0u; cc < 4u; cc++) {
+                vt[i * BV + c4 + cc] = acc[cc];
+                vn[vb + cc] = acc[cc];
+            }
         }
         workgroupBarrier();
         let dl = exp(gl);
-        for (var e = lid; e < K * BV; e += WG) {
-            let m = e / BV;
-            let c = e % BV;
-            var acc = dl * s[e];
-            for (var i = 0u; i < ch.y; i++) {
-                acc += fac[i] * ld_k(((ch.x + i) * H + hk) * K + m) * vt[i * BV + c];
+        // Thread owns rows m = rg * RM + r (r < RM), columns c4 .. c4 + 4.
+        let rm = (K * (BV / 4u) + WG - 1u) / WG; // ceil(K / (WG / (BV / 4))) <= 4
+        let kmax = K - 1u;
+        let rg = lid / (BV / 4u);
+        if (rg * rm < K) {
+            var acc: array<vec4<f32>, 4>;
+            for (var r = 0u; r < rm; r++) {
+                let sb = min(rg * rm + r, kmax) * BV + c4;
+                acc[r] = dl * vec4<f32>(s[sb], s[sb + 1u], s[sb + 2u], s[sb + 3u]);
             }
-            s[e] = acc;
+            for (var i = 0u; i < ch.y; i++) {
+                let vb = i * BV + c4;
+                let vv = fac[i] * vec4<f32>(vt[vb], vt[vb + 1u], vt[vb + 2u], vt[vb + 3u]);
+                let kb = ((ch.x + i) * H + hk) * K + rg * rm;
+                for (var r = 0u; r < rm; r++) {
+                    acc[r] += ld_k(min(kb + r, kb + kmax - rg * rm)) * vv;
+                }
+            }
+            for (var r = 0u; r < rm; r++) {
+                let sb = (rg * rm + r) * BV + c4;
+                if (rg * rm + r < K) {
+                    for (var cc = 0u; cc < 4u; cc++) {
+                        s[sb + cc] = acc[r][cc];
+                    }
+                }
+            }
         }
         workgroupBarrier();
     }
