@@ -272,3 +272,29 @@ fn stages() {
     let mlx = Options { output_final_state: true, ..Options::mlx() };
     check_stages(e, &Case { opts: mlx, dtype: DType::BF16, ..Case::new(2, 70, 1, 1, 64, 64) }, 64);
 }
+
+/// The perf shape (bf16, H=16, HV=32, K=V=128, B=1, T=16384, chunk 64): chunked against
+/// recurrent on the same device. Needs bindings above llvmpipe's 128 MiB: run on a real GPU with
+/// `cargo test --release --test chunked production_shape -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn production_shape() {
+    let e = engine();
+    let c = Case { dtype: DType::BF16, h0: true, ..Case::new(1, 16384, 16, 32, 128, 128) };
+    let d = c.data();
+    let dev = d.upload(e);
+    let run = |algorithm| {
+        let t0 = std::time::Instant::now();
+        let out = e.forward(&dev.inputs(None), &Options { algorithm, ..c.opts }).expect("forward");
+        let o = e.download(&out.o).unwrap().to_f32();
+        let ht = e.download(out.ht.as_ref().unwrap()).unwrap().to_f32();
+        println!("{algorithm:?}: {:.1} ms (with readback)", t0.elapsed().as_secs_f64() * 1e3);
+        (o, ht)
+    };
+    let (o_r, ht_r) = run(Algorithm::Recurrent);
+    let (o_c, ht_c) = run(Algorithm::Chunked { chunk: 64 });
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let (eo, eh) = (rel_err(&o_c, &wide(&o_r)), rel_err(&ht_c, &wide(&ht_r)));
+    println!("chunked vs recurrent: o {eo:.2e}, ht {eh:.2e}; scratch (now, peak) {:?}", e.scratch_bytes());
+    assert!(eo < 1e-3 && eh < 1e-3);
+}

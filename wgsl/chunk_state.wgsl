@@ -24,7 +24,7 @@
 @group(0) @binding(9) var<storage, read_write> state: array<f32>;
 
 var<workgroup> s: array<f32, TILE>;   // S[m, c] at m * BV + c
-var<workgroup> vt: array<f32, TILE>;  // v_new[i, c] at i * BV + c
+var<workgroup> vt: array<f32, 1024>;  // v_new[i, c] at i * BV + c (C * BV <= 1024, host-checked)
 var<workgroup> fac: array<f32, 64>;   // exp(gc_last - gc_i)
 var<workgroup> seq_range: vec3<u32>;
 

@@ -8,7 +8,8 @@
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
 // w (tiles below K) or of u. The right-hand side (C x BD) is staged in workgroup memory, scaled
-// once; rows of A are read from global memory (each broadcast to the BD threads of a row).
+// once; rows of A are read from global memory. Thread (tr, tc) accumulates TM rows x 4 columns in
+// registers, over j up to its last row only (A is lower triangular).
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> v: array<u32>;
@@ -52,17 +53,33 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         xs[e] = x;
     }
     workgroupBarrier();
-    for (var e = lid; e < C * BD; e += WG) {
-        let i = e / BD;
-        let d = e % BD;
-        var acc = 0.0;
-        for (var j = 0u; j <= i; j++) {
-            acc += a[(hb + i) * C + j] * xs[j * BD + d];
+    let tm = max(1u, (C * BD) / (4u * WG));
+    let tc = lid % (BD / 4u);
+    let tr = lid / (BD / 4u);
+    if (tr * tm >= C) {
+        return;
+    }
+    var acc: array<vec4<f32>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        acc[r] = vec4<f32>(0.0);
+    }
+    let d4 = tc * 4u;
+    let i0 = tr * tm;
+    for (var j = 0u; j < i0 + tm; j++) {
+        let xb = j * BD + d4;
+        let xv = vec4<f32>(xs[xb], xs[xb + 1u], xs[xb + 2u], xs[xb + 3u]);
+        for (var r = 0u; r < tm; r++) {
+            acc[r] += a[(hb + i0 + r) * C + j] * xv;
         }
-        if (is_w) {
-            w[(hb + i) * K + d0 + d] = acc;
-        } else {
-            u[(hb + i) * V + d0 - K + d] = acc;
+    }
+    for (var r = 0u; r < tm; r++) {
+        let i = i0 + r;
+        for (var cc = 0u; cc < 4u; cc++) {
+            if (is_w) {
+                w[(hb + i) * K + d0 + d4 + cc] = acc[r][cc];
+            } else {
+                u[(hb + i) * V + d0 - K + d4 + cc] = acc[r][cc];
+            }
         }
     }
 }

@@ -8,6 +8,9 @@ use crate::problem::{GateSpace, Problem, StateLayout};
 pub const WG: u32 = 256;
 /// Largest workgroup tile in floats (`TILE` in `wgsl/chunk_common.wgsl`): 16 KiB.
 pub const TILE: u32 = 4096;
+/// Workgroup memory of the largest chunked pass (the output pass: P plus two contraction slices),
+/// in bytes; the device must grant at least this much.
+pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 2 * 1024);
 /// Default bound on the scratch memory of one window of chunks (see [`max_local_chunks`]).
 pub const DEFAULT_WINDOW_BYTES: u64 = 512 << 20;
 
@@ -29,7 +32,8 @@ impl ChunkSpec {
     pub fn choose(chunk: u32, k: usize, v: usize) -> ChunkSpec {
         let (k, v) = (k as u32, v as u32);
         let fit = |cands: &[u32], ok: &dyn Fn(u32) -> bool| cands.iter().copied().find(|&b| ok(b)).unwrap_or(16);
-        let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE);
+        // The state pass holds K x BV and C x BV (<= 1024) tiles; BV = 16 always fits.
+        let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
         ChunkSpec { chunk, bv, bvo, bd }
@@ -237,7 +241,34 @@ mod tests {
             scratch_bytes(&p, 64, l) >> 20
         );
         assert_eq!(whole, 256);
+        assert_eq!(windows(&p, 64, l).len(), 4);
         assert_eq!(l, 64);
         assert!(scratch_bytes(&p, 64, l) <= DEFAULT_WINDOW_BYTES);
+    }
+
+    /// The perf cases of issue #3 fit a 2 GiB binding and the grid limits.
+    #[test]
+    fn production_shapes_fit() {
+        for (b, t) in [(1, 16384), (8, 8192)] {
+            let p = problem(b, t, 32, 128, None);
+            let spec = ChunkSpec::choose(64, 128, 128);
+            let l = max_local_chunks(&p, 64, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let ws = windows(&p, 64, l);
+            let biggest = scratch_per_chunk(&p, 64).iter().max().unwrap() * l as u64;
+            let o_bytes = (b * t * 32 * 128 * 4) as u64;
+            println!(
+                "B={b} T={t}: {} windows of {l} chunks, largest scratch buffer {} MiB, o {} MiB, peak scratch {} MiB, \
+                 grids: state {}x{b}, output {}x{l}, wu {}x{l}",
+                ws.len(),
+                biggest >> 20,
+                o_bytes >> 20,
+                scratch_bytes(&p, 64, l) >> 20,
+                32 * 128 / spec.bv,
+                32 * 128 / spec.bvo,
+                32 * 256 / spec.bd
+            );
+            assert!(biggest <= 2 << 30 && o_bytes < 2 << 30);
+            assert!(l <= 65535 && ws.iter().all(|w| w.chunks.len() <= l));
+        }
     }
 }

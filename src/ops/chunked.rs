@@ -14,10 +14,10 @@
 
 use super::{Inputs, Outputs};
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::PassGraph;
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG,
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
 use crate::problem::Problem;
@@ -64,6 +64,12 @@ fn record(
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
     let spec = ChunkSpec::choose(chunk, d.k, d.v);
+    if caps.max_workgroup_storage < WORKGROUP_BYTES {
+        return Err(Error::MissingFeature(format!(
+            "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
+            caps.max_workgroup_storage
+        )));
+    }
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
     let max_local = max_local_chunks(p, c, budget, caps.max_binding);
@@ -176,7 +182,7 @@ impl Engine {
     pub fn chunked_stages(&self, x: &Inputs, opts: &crate::problem::Options, chunk: u32) -> Result<ChunkStages> {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
         if let Some(why) = super::chunked_unsupported(&p) {
-            return Err(crate::error::Error::Unsupported(why));
+            return Err(Error::Unsupported(why));
         }
         let mut graph = self.graph();
         let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX)?;
