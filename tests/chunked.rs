@@ -298,3 +298,32 @@ fn production_shape() {
     println!("chunked vs recurrent: o {eo:.2e}, ht {eh:.2e}; scratch (now, peak) {:?}", e.scratch_bytes());
     assert!(eo < 1e-3 && eh < 1e-3);
 }
+
+/// Per-pass GPU times of the chunked forward against the recurrent kernel (a rough guide on the
+/// software driver; `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn profile_passes() {
+    let gpu = Gpu::with_options(&GpuOptions::default()).expect("adapter");
+    let e = Engine::with_settings(gpu, Settings { profile: true, ..Default::default() });
+    let c = Case { dtype: DType::BF16, ..Case::new(1, 2048, 2, 4, 128, 128) };
+    let d = c.data();
+    let dev = d.upload(&e);
+    for algorithm in [Algorithm::Recurrent, Algorithm::Chunked { chunk: 64 }, Algorithm::Chunked { chunk: 32 }] {
+        for _ in 0..2 {
+            let out = e.forward(&dev.inputs(None), &Options { algorithm, ..c.opts }).expect("forward");
+            e.download(&out.o).unwrap();
+        }
+        let prof = e.last_profile().unwrap_or_default();
+        let total: f64 = prof.iter().map(|p| p.ns).sum();
+        let mut by: Vec<(&str, f64)> = Vec::new();
+        for p in &prof {
+            match by.iter_mut().find(|(l, _)| *l == p.label) {
+                Some(x) => x.1 += p.ns,
+                None => by.push((p.label, p.ns)),
+            }
+        }
+        let parts: Vec<String> = by.iter().map(|(l, ns)| format!("{l} {:.1} ms", ns / 1e6)).collect();
+        println!("{algorithm:?}: {:.1} ms  [{}]", total / 1e6, parts.join(", "));
+    }
+}
