@@ -20,6 +20,9 @@ pub struct Settings {
     pub profile: bool,
     /// Force the recurrent kernels' tiling (tests and tuning); invalid values are rejected.
     pub recurrent_tiles: Option<Tiles>,
+    /// Scratch bytes the chunked forward may hold for one window of chunks; longer inputs are
+    /// walked window by window. `None`: [`crate::kernels::chunked::DEFAULT_WINDOW_BYTES`].
+    pub chunk_window_bytes: Option<u64>,
 }
 
 /// A device with compiled kernels and reusable scratch memory. Create one and reuse it.

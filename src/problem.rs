@@ -127,11 +127,15 @@ impl StateLayout {
 /// How the forward is computed. `Auto` picks per call from the shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Algorithm {
+    /// Chunked (chunk 64) where `ops::auto_chunked` says so (scalar gate and a sequence of at least
+    /// `ops::AUTO_CHUNKED_MIN_LEN` tokens), else recurrent.
     #[default]
     Auto,
     /// Token-by-token recurrence with the state on chip. Supports every option.
     Recurrent,
-    /// Chunked WY/UT form with chunks of `chunk` tokens (16, 32 or 64); scalar gate only.
+    /// Chunked WY/UT form with chunks of `chunk` tokens (16, 32 or 64); scalar gate only (a per-key
+    /// gate is refused with `Error::Unsupported`; `Auto` sends it to the recurrent kernel). Masks,
+    /// h0/ht, cu_seqlens, GQA and both conventions are supported.
     Chunked { chunk: u32 },
 }
 

@@ -1,11 +1,13 @@
 //! Kernels: the WGSL sources, the typed specialisations that become override constants, and the
 //! pipeline cache keyed by them.
 //!
-//! One templating mechanism only: a module is `prelude + one reduction variant + the pass's file`.
+//! One templating mechanism only: a module is `prelude + one reduction variant + the pass's file`
+//! (the chunked passes take `chunk_common.wgsl` in place of a reduction variant).
 //! The reduction variant is chosen by source because subgroup builtins fail validation on a device
 //! without subgroups even in dead code, which an override cannot switch off. Everything else (dims,
 //! dtypes, flags, tile sizes) is a WGSL `override` constant.
 
+pub mod chunked;
 pub mod recurrent;
 
 use crate::device::Gpu;
@@ -19,12 +21,28 @@ pub mod src {
     pub const REDUCE_SUBGROUP: &str = include_str!("../../wgsl/reduce_subgroup.wgsl");
     pub const REDUCE_WORKGROUP: &str = include_str!("../../wgsl/reduce_workgroup.wgsl");
     pub const RECURRENT_FWD: &str = include_str!("../../wgsl/recurrent_fwd.wgsl");
+    pub const CHUNK_COMMON: &str = include_str!("../../wgsl/chunk_common.wgsl");
+    pub const CHUNK_CUMSUM: &str = include_str!("../../wgsl/chunk_cumsum.wgsl");
+    pub const CHUNK_KKT_SOLVE: &str = include_str!("../../wgsl/chunk_kkt_solve.wgsl");
+    pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
+    pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
+    pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
 }
 
 /// Every compute pass wgdelta has, one per WGSL file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     RecurrentFwd,
+    /// Chunked forward, step 1: in-chunk cumulative log-decay.
+    ChunkCumsum,
+    /// Chunked forward, step 2: K K^T with its decay mask, and A = (I + N)^-1.
+    ChunkKktSolve,
+    /// Chunked forward, step 3: w = A (beta exp(gc) K), u = A (beta V).
+    ChunkWu,
+    /// Chunked forward, step 4: the chunk-to-chunk state walk (per-chunk states, v_new, ht).
+    ChunkState,
+    /// Chunked forward, step 5: the output.
+    ChunkOutput,
 }
 
 /// How the threads sharing a state column reduce: subgroup shuffles or workgroup memory.
@@ -44,18 +62,35 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 1] = [Kernel::RecurrentFwd];
+    pub const ALL: [Kernel; 6] = [
+        Kernel::RecurrentFwd,
+        Kernel::ChunkCumsum,
+        Kernel::ChunkKktSolve,
+        Kernel::ChunkWu,
+        Kernel::ChunkState,
+        Kernel::ChunkOutput,
+    ];
 
     /// Label used on every wgpu object made for this kernel.
     pub fn label(self) -> &'static str {
         match self {
             Kernel::RecurrentFwd => "wgdelta.recurrent.fwd",
+            Kernel::ChunkCumsum => "wgdelta.chunk.cumsum",
+            Kernel::ChunkKktSolve => "wgdelta.chunk.kkt_solve",
+            Kernel::ChunkWu => "wgdelta.chunk.wu",
+            Kernel::ChunkState => "wgdelta.chunk.state",
+            Kernel::ChunkOutput => "wgdelta.chunk.output",
         }
     }
     /// The pass's own WGSL file.
     pub fn body(self) -> &'static str {
         match self {
             Kernel::RecurrentFwd => src::RECURRENT_FWD,
+            Kernel::ChunkCumsum => src::CHUNK_CUMSUM,
+            Kernel::ChunkKktSolve => src::CHUNK_KKT_SOLVE,
+            Kernel::ChunkWu => src::CHUNK_WU,
+            Kernel::ChunkState => src::CHUNK_STATE,
+            Kernel::ChunkOutput => src::CHUNK_OUTPUT,
         }
     }
     /// Binding layout, in order.
@@ -63,11 +98,24 @@ impl Kernel {
         use Slot::*;
         match self {
             Kernel::RecurrentFwd => &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            // Chunked passes: params, chunk table, then the pass's own buffers (see its WGSL).
+            Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::ChunkState => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+            Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
         }
     }
     /// Whether the kernel contains a KT-wide column reduction (and so takes a [`Reduce`] variant).
     pub fn reduces(self) -> bool {
         matches!(self, Kernel::RecurrentFwd)
+    }
+    /// Whether the kernel is one of the chunked passes (assembled with `chunk_common.wgsl`).
+    pub fn chunked(self) -> bool {
+        matches!(
+            self,
+            Kernel::ChunkCumsum | Kernel::ChunkKktSolve | Kernel::ChunkWu | Kernel::ChunkState | Kernel::ChunkOutput
+        )
     }
 }
 
@@ -79,6 +127,9 @@ pub fn assemble(kernel: Kernel, reduce: Reduce) -> String {
             Reduce::Subgroup => src::REDUCE_SUBGROUP,
             Reduce::Workgroup => src::REDUCE_WORKGROUP,
         });
+    }
+    if kernel.chunked() {
+        s.push_str(src::CHUNK_COMMON);
     }
     s.push_str(kernel.body());
     s

@@ -2,12 +2,14 @@
 //! algorithm), then the passes. `forward` chooses between algorithms; nothing is rebound at run time.
 
 pub mod cost;
+pub mod chunked;
 pub mod decode;
 pub mod recurrent;
 
+use crate::device::Caps;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::problem::{Algorithm, InputsMeta, Options, Problem};
+use crate::problem::{Algorithm, GateKind, InputsMeta, Options, Problem};
 use crate::tensor::Tensor;
 
 /// Device tensors of one call, in either convention (see [`Options`]).
@@ -78,15 +80,41 @@ pub struct Outputs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plan {
     Recurrent,
+    /// The chunked WY/UT passes with chunks of `chunk` tokens.
+    Chunked {
+        chunk: u32,
+    },
 }
 
-/// Resolves the algorithm for a validated problem.
-pub fn plan(p: &Problem) -> Result<Plan> {
+/// Chunk size `Algorithm::Auto` uses when it picks the chunked algorithm.
+pub const AUTO_CHUNK: u32 = 64;
+/// Longest sequence below which `Algorithm::Auto` keeps the recurrent kernel (a first guess, to be
+/// tuned from measured crossover points).
+pub const AUTO_CHUNKED_MIN_LEN: usize = 64;
+
+/// What the chunked algorithm cannot do for `p`, if anything.
+pub fn chunked_unsupported(p: &Problem) -> Option<String> {
+    (p.gate == GateKind::PerKey).then(|| {
+        "the chunked algorithm needs a scalar gate [B, T, HV]; the per-key gate runs on the recurrent algorithm".into()
+    })
+}
+
+/// Whether `Algorithm::Auto` picks the chunked algorithm for `p` on a device with `caps`: supported,
+/// and some sequence long enough for chunks to pay.
+pub fn auto_chunked(p: &Problem, _caps: &Caps) -> bool {
+    chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
+}
+
+/// Resolves the algorithm for a validated problem on a device with `caps`.
+pub fn plan(p: &Problem, caps: &Caps) -> Result<Plan> {
     match p.algorithm {
-        Algorithm::Auto | Algorithm::Recurrent => Ok(Plan::Recurrent),
-        Algorithm::Chunked { chunk } => Err(Error::Unsupported(format!(
-            "the chunked algorithm (chunk {chunk}) is not available in this build; use auto or recurrent"
-        ))),
+        Algorithm::Recurrent => Ok(Plan::Recurrent),
+        Algorithm::Auto if auto_chunked(p, caps) => Ok(Plan::Chunked { chunk: AUTO_CHUNK }),
+        Algorithm::Auto => Ok(Plan::Recurrent),
+        Algorithm::Chunked { chunk } => match chunked_unsupported(p) {
+            Some(why) => Err(Error::Unsupported(why)),
+            None => Ok(Plan::Chunked { chunk }),
+        },
     }
 }
 
@@ -107,8 +135,9 @@ impl Engine {
     /// ```
     pub fn forward(&self, x: &Inputs, opts: &Options) -> Result<Outputs> {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
-        match plan(&p)? {
+        match plan(&p, &self.gpu.caps)? {
             Plan::Recurrent => recurrent::forward(self, &p, x),
+            Plan::Chunked { chunk } => chunked::forward(self, &p, x, chunk),
         }
     }
 }

@@ -108,7 +108,8 @@ impl Case {
     }
     pub fn label(&self) -> String {
         format!(
-            "B={} T={} H={} HV={} K={} V={} {:?} {:?} {:?}/{:?} h0={} mask={} cu={:?}",
+            "{:?} B={} T={} H={} HV={} K={} V={} {:?} {:?} {:?}/{:?} h0={} mask={} cu={:?}",
+            self.opts.algorithm,
             self.b,
             self.t,
             self.h,

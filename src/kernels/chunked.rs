@@ -1,0 +1,274 @@
+//! Specialisation of the chunked passes (`wgsl/chunk_*.wgsl`): chunk size and tiles, flags from the
+//! problem; the windows of chunks the forward walks and their chunk tables; scratch sizes.
+
+use super::{Kernel, PipelineKey, Reduce};
+use crate::problem::{GateSpace, Problem, StateLayout};
+
+/// Workgroup size of every chunked pass (`WG` in `wgsl/chunk_common.wgsl`).
+pub const WG: u32 = 256;
+/// Largest workgroup tile in floats (`TILE` in `wgsl/chunk_common.wgsl`): 16 KiB.
+pub const TILE: u32 = 4096;
+/// Workgroup memory of the largest chunked pass (the output pass: P plus two contraction slices),
+/// in bytes; the device must grant at least this much.
+pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 2 * 1024);
+/// Default bound on the scratch memory of one window of chunks (see [`max_local_chunks`]).
+pub const DEFAULT_WINDOW_BYTES: u64 = 512 << 20;
+
+/// Everything that selects one compiled variant of the chunked passes, besides the problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkSpec {
+    /// Chunk size C: 16, 32 or 64.
+    pub chunk: u32,
+    /// State pass: value columns per workgroup.
+    pub bv: u32,
+    /// Output pass: value columns per workgroup.
+    pub bvo: u32,
+    /// w/u pass: output columns per workgroup (divides K and V).
+    pub bd: u32,
+}
+
+impl ChunkSpec {
+    /// Default tiles for chunk size `chunk` and head dims `k`, `v` (multiples of 16, at most 256).
+    pub fn choose(chunk: u32, k: usize, v: usize) -> ChunkSpec {
+        let (k, v) = (k as u32, v as u32);
+        let fit = |cands: &[u32], ok: &dyn Fn(u32) -> bool| cands.iter().copied().find(|&b| ok(b)).unwrap_or(16);
+        // The state pass holds K x BV and C x BV (<= 1024) tiles; BV = 16 always fits.
+        let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
+        let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
+        let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
+        ChunkSpec { chunk, bv, bvo, bd }
+    }
+
+    /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same
+    /// constants (declared once in `chunk_common.wgsl`).
+    pub fn key(&self, kernel: Kernel, p: &Problem) -> PipelineKey {
+        debug_assert!(kernel.chunked());
+        let d = &p.dims;
+        let b = |x: bool| if x { 1.0 } else { 0.0 };
+        PipelineKey::new(
+            kernel,
+            Reduce::Workgroup,
+            vec![
+                ("H", d.h as f64),
+                ("HV", d.hv as f64),
+                ("K", d.k as f64),
+                ("V", d.v as f64),
+                ("C", self.chunk as f64),
+                ("QKV_DT", p.dtype.wgsl_code() as f64),
+                ("G_DT", p.g_dtype.wgsl_code() as f64),
+                ("BETA_DT", p.beta_dtype.wgsl_code() as f64),
+                ("GATE_LINEAR", b(p.gate_space == GateSpace::Linear)),
+                ("LAYOUT_VK", b(p.state_layout == StateLayout::Vk)),
+                ("HAS_MASK", b(p.has_mask)),
+                ("HAS_H0", b(p.has_h0)),
+                ("BV", self.bv as f64),
+                ("BVO", self.bvo as f64),
+                ("BD", self.bd as f64),
+            ],
+        )
+    }
+}
+
+/// Uniform parameters of one chunked pass, laid out as `struct Params` in `chunk_common.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub n_local: u32,
+    pub chunk_off: u32,
+    pub seq_off: u32,
+    pub mask_off: u32,
+    pub n_seqs: u32,
+    pub wg_per_row: u32,
+    pub scale: f32,
+    pub _pad: u32,
+}
+
+/// One window of chunks: the forward runs all its passes over one window before the next; the
+/// state of each sequence is carried from window to window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Local chunks: (start row, len, sequence), each sequence's chunks contiguous and in time order.
+    pub chunks: Vec<[u32; 3]>,
+    /// Per sequence: (lo, hi, first): local chunks `lo..hi`; `first` = 1 when they begin at the
+    /// sequence's first chunk (or the sequence is empty and this is the first window).
+    pub seqs: Vec<[u32; 3]>,
+}
+
+/// Cuts the chunks of `p` (each sequence cut into chunks of `chunk` rows from its own start, the
+/// last possibly short) into windows of at most `max_local` chunks. Chunks are taken position by
+/// position across sequences (all first chunks, then all second chunks, ...), so every window keeps
+/// as many sequences in flight as it can and each sequence's chunks stay in order across windows.
+/// There is always at least one window (it writes `ht` for empty sequences).
+pub fn windows(p: &Problem, chunk: usize, max_local: usize) -> Vec<Window> {
+    let n = p.n_seqs();
+    let max_local = max_local.max(1);
+    let n_ch: Vec<usize> = (0..n).map(|s| p.seqs.range(s).len().div_ceil(chunk)).collect();
+    let max_pos = n_ch.iter().copied().max().unwrap_or(0);
+    let mut groups: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+    for pos in 0..max_pos {
+        for (s, &nc) in n_ch.iter().enumerate() {
+            if pos < nc {
+                if groups.last().is_some_and(|g| g.len() == max_local) {
+                    groups.push(Vec::new());
+                }
+                groups.last_mut().expect("non-empty").push((s, pos));
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(wi, mut g)| {
+            g.sort_unstable();
+            let mut seqs = vec![[0u32; 3]; n];
+            for (s, e) in seqs.iter_mut().enumerate() {
+                e[2] = u32::from(wi == 0 && n_ch[s] == 0);
+            }
+            let mut chunks = Vec::with_capacity(g.len());
+            for (lc, &(s, pos)) in g.iter().enumerate() {
+                let rows = p.seqs.range(s);
+                let start = rows.start + pos * chunk;
+                let len = chunk.min(rows.end - start);
+                if chunks.is_empty() || chunks.last().is_some_and(|c: &[u32; 3]| c[2] as usize != s) {
+                    seqs[s] = [lc as u32, lc as u32, u32::from(pos == 0)];
+                }
+                seqs[s][1] = lc as u32 + 1;
+                chunks.push([start as u32, len as u32, s as u32]);
+            }
+            Window { chunks, seqs }
+        })
+        .collect()
+}
+
+/// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h.
+pub fn scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 7] {
+    let d = &p.dims;
+    let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
+    let f = 4;
+    [f * hv * c, f * hv * c, f * hv * c * c, f * hv * c * k, f * hv * c * v, f * hv * c * v, f * hv * k * v]
+}
+
+/// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest
+/// power of two that does (so pooled buffers are not rounded up), never so many that one buffer
+/// exceeds `max_binding`. At least 1.
+pub fn max_local_chunks(p: &Problem, chunk: usize, budget: u64, max_binding: u64) -> usize {
+    let per = scratch_per_chunk(p, chunk);
+    let total: usize = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(chunk)).sum();
+    let per_total: u64 = per.iter().sum();
+    let per_max = per.iter().copied().max().unwrap_or(1).max(1);
+    // The pool rounds each buffer up to a power of two: bound the rounded size by the binding limit.
+    let fits = |l: u64| per.iter().all(|&b| (b * l).next_power_of_two() <= max_binding) && l * per_total <= budget;
+    if total > 0 && fits(total as u64) {
+        return total;
+    }
+    let mut l = (budget / per_total.max(1)).min(max_binding / per_max).max(1);
+    l = 1 << (63 - l.leading_zeros());
+    while l > 1 && !fits(l) {
+        l /= 2;
+    }
+    l as usize
+}
+
+/// Peak scratch bytes of a forward of `p` with windows of `max_local` chunks, as the pool holds
+/// them (each buffer rounded up to a power of two), plus the chunk table and the carried state.
+pub fn scratch_bytes(p: &Problem, chunk: usize, max_local: usize) -> u64 {
+    let ws = windows(p, chunk, max_local);
+    let l = ws.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
+    let bufs: u64 = scratch_per_chunk(p, chunk).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
+    let d = &p.dims;
+    let carry = if p.output_final_state { 0 } else { (p.n_seqs() * d.hv * d.k * d.v * 4) as u64 };
+    bufs + carry.max(16).next_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::problem::{DType, InputsMeta, Options, TensorMeta};
+
+    fn problem(b: usize, t: usize, hv: usize, k: usize, cu: Option<&[i64]>) -> Problem {
+        let m = InputsMeta {
+            q: Some(TensorMeta::new(&[b, t, 16, k], DType::BF16)),
+            k: Some(TensorMeta::new(&[b, t, 16, k], DType::BF16)),
+            v: Some(TensorMeta::new(&[b, t, hv, k], DType::BF16)),
+            g: Some(TensorMeta::new(&[b, t, hv], DType::BF16)),
+            beta: Some(TensorMeta::new(&[b, t, hv], DType::BF16)),
+            ..Default::default()
+        };
+        Problem::new(&m, cu, &Options::default(), false).unwrap()
+    }
+
+    #[test]
+    fn windows_keep_sequences_in_order() {
+        let p = problem(1, 40, 16, 16, Some(&[0, 0, 17, 18, 40]));
+        for max in [1, 2, 3, 100] {
+            let ws = windows(&p, 8, max);
+            let mut next = [0usize; 4]; // next row expected per sequence
+            for (wi, w) in ws.iter().enumerate() {
+                assert!(w.chunks.len() <= max);
+                for (s, r) in w.seqs.iter().enumerate() {
+                    if r[0] < r[1] {
+                        assert_eq!(r[2] == 1, next[s] == 0);
+                    }
+                    for lc in r[0]..r[1] {
+                        let [start, len, seq] = w.chunks[lc as usize];
+                        assert_eq!(seq as usize, s);
+                        let off = p.seqs.offsets[s] as usize;
+                        assert_eq!(start as usize, off + next[s]);
+                        next[s] += len as usize;
+                    }
+                    if r[0] == r[1] {
+                        assert_eq!(r[2] == 1, wi == 0 && p.seqs.range(s).is_empty());
+                    }
+                }
+            }
+            for (s, got) in next.iter().enumerate() {
+                assert_eq!(*got, p.seqs.range(s).len());
+            }
+        }
+    }
+
+    /// Peak scratch of the issue's memory case: B=1, T=16384, HV=32, K=V=128, chunk 64.
+    #[test]
+    fn scratch_for_long_sequence() {
+        let p = problem(1, 16384, 32, 128, None);
+        let whole = max_local_chunks(&p, 64, u64::MAX, u64::MAX);
+        let l = max_local_chunks(&p, 64, DEFAULT_WINDOW_BYTES, 2 << 30);
+        let per: u64 = scratch_per_chunk(&p, 64).iter().sum();
+        println!(
+            "B=1 T=16384 HV=32 K=V=128 C=64: {per} bytes per chunk; all {whole} chunks at once would take {} MiB; \
+             windows of {l} chunks: peak scratch {} MiB",
+            scratch_bytes(&p, 64, whole) >> 20,
+            scratch_bytes(&p, 64, l) >> 20
+        );
+        assert_eq!(whole, 256);
+        assert_eq!(windows(&p, 64, l).len(), 4);
+        assert_eq!(l, 64);
+        assert!(scratch_bytes(&p, 64, l) <= DEFAULT_WINDOW_BYTES);
+    }
+
+    /// The perf cases of issue #3 fit a 2 GiB binding and the grid limits.
+    #[test]
+    fn production_shapes_fit() {
+        for (b, t) in [(1, 16384), (8, 8192)] {
+            let p = problem(b, t, 32, 128, None);
+            let spec = ChunkSpec::choose(64, 128, 128);
+            let l = max_local_chunks(&p, 64, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let ws = windows(&p, 64, l);
+            let biggest = scratch_per_chunk(&p, 64).iter().max().unwrap() * l as u64;
+            let o_bytes = (b * t * 32 * 128 * 4) as u64;
+            println!(
+                "B={b} T={t}: {} windows of {l} chunks, largest scratch buffer {} MiB, o {} MiB, peak scratch {} MiB, \
+                 grids: state {}x{b}, output {}x{l}, wu {}x{l}",
+                ws.len(),
+                biggest >> 20,
+                o_bytes >> 20,
+                scratch_bytes(&p, 64, l) >> 20,
+                32 * 128 / spec.bv,
+                32 * 128 / spec.bvo,
+                32 * 256 / spec.bd
+            );
+            assert!(biggest <= 2 << 30 && o_bytes < 2 << 30);
+            assert!(l <= 65535 && ws.iter().all(|w| w.chunks.len() <= l));
+        }
+    }
+}

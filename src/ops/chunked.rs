@@ -1,0 +1,239 @@
+//! Chunked forward (SPEC section 5, the WY/UT form of flash-linear-attention's `chunk.py`): per
+//! window of chunks, `cumsum -> kkt_solve -> wu -> state -> output`, all recorded into one graph and
+//! submitted once.
+//!
+//! Scalar gate, both gate spaces and state layouts, GQA, h0/ht, scale, cu_seqlens and masks (a
+//! masked token is a step with decay 1 and beta 0 whose output row is zero, as in
+//! `reference::chunked`). The per-key gate is not supported here: `Algorithm::Auto` sends it to the
+//! recurrent kernel and `Algorithm::Chunked` refuses it.
+//!
+//! Memory: the chunks are walked in windows that fit a scratch budget
+//! ([`crate::Settings::chunk_window_bytes`]); the per-chunk states, `w`, `u`, `v_new` and `A` exist
+//! for one window at a time and go back to the pool at submission, so an inference forward keeps
+//! nothing per chunk after the call.
+
+use super::{Inputs, Outputs};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::graph::PassGraph;
+use crate::kernels::chunked::{
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
+};
+use crate::kernels::Kernel;
+use crate::problem::Problem;
+use crate::tensor::padded;
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
+/// Intermediates may be copied out (stage tests; a backward keeping what the forward saved).
+const SAVED: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC);
+
+/// Splits `n` workgroups over the grid's y and z axes: (y extent, z extent).
+fn split(n: usize, max: u32) -> (u32, u32) {
+    let y = (n as u32).clamp(1, max);
+    (y, (n as u32).div_ceil(y).max(1))
+}
+
+/// Forward by the chunked passes with chunks of `chunk` tokens: `o`, and `ht` when asked.
+pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Result<Outputs> {
+    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
+    let mut graph = eng.graph();
+    let (out, _) = record(eng, &mut graph, p, x, chunk, budget)?;
+    eng.submit(graph)?;
+    Ok(out)
+}
+
+/// The scratch buffers of the last window recorded, in the layouts of `wgsl/chunk_common.wgsl`.
+pub(crate) struct Saved {
+    pub bufs: [wgpu::Buffer; 7],
+    pub sizes: [u64; 7],
+    /// The last window's local chunks: (start row, len, sequence).
+    pub chunks: Vec<[u32; 3]>,
+}
+
+/// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes.
+fn record(
+    eng: &Engine,
+    graph: &mut PassGraph,
+    p: &Problem,
+    x: &Inputs,
+    chunk: u32,
+    budget: u64,
+) -> Result<(Outputs, Saved)> {
+    let d = &p.dims;
+    let c = chunk as usize;
+    let n = p.n_seqs();
+    let caps = &eng.gpu.caps;
+    let spec = ChunkSpec::choose(chunk, d.k, d.v);
+    if caps.max_workgroup_storage < WORKGROUP_BYTES {
+        return Err(Error::MissingFeature(format!(
+            "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
+            caps.max_workgroup_storage
+        )));
+    }
+    let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
+    let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
+    let max_local = max_local_chunks(p, c, budget, caps.max_binding);
+    let wins = windows(p, c, max_local);
+    let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
+
+    // One chunk table for all windows, then the mask bytes (copied on the device).
+    let mut words: Vec<u32> = Vec::new();
+    let mut offs = Vec::with_capacity(wins.len());
+    for w in &wins {
+        let chunk_off = words.len() as u32;
+        words.extend(w.chunks.iter().flatten());
+        let seq_off = words.len() as u32;
+        words.extend(w.seqs.iter().flatten());
+        offs.push((chunk_off, seq_off));
+    }
+    let mask_off = words.len() as u32;
+    let mask_bytes = x.mask.map(|m| padded(m.byte_len())).unwrap_or(0);
+    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
+    let info = graph.scratch_with("wgdelta.chunk.table", bytemuck::cast_slice(&words), STORAGE)?;
+    if let Some(m) = x.mask {
+        graph.copy(&m.buffer, 0, &info, mask_off as u64 * 4, mask_bytes);
+    }
+
+    let sizes = scratch_per_chunk(p, c).map(|b| b * l);
+    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h] = sizes;
+    let gc = graph.scratch("wgdelta.chunk.gc", b_gc, SAVED)?;
+    let bm = graph.scratch("wgdelta.chunk.beta", b_bm, SAVED)?;
+    let a = graph.scratch("wgdelta.chunk.a", b_a, SAVED)?;
+    let w = graph.scratch("wgdelta.chunk.w", b_w, SAVED)?;
+    let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
+    let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, SAVED)?;
+    let h = graph.scratch("wgdelta.chunk.h", b_h, SAVED)?;
+    // The state carried between windows: ht itself when asked for, else scratch.
+    let carry_scratch = match &ht {
+        Some(_) => None,
+        None => Some(graph.scratch("wgdelta.chunk.carry", (n * d.hv * d.k * d.v * 4) as u64, STORAGE)?),
+    };
+    let carry = ht.as_ref().map(|t| &t.buffer).or(carry_scratch.as_ref()).expect("carry");
+    let h0 = x.h0.map(|t| &t.buffer).unwrap_or(&eng.dummy_read);
+
+    let max = caps.max_workgroups_per_dim;
+    let (hv, kv) = (d.hv as u32, (d.k + d.v) as u32);
+    for (w_i, win) in wins.iter().enumerate() {
+        let (chunk_off, seq_off) = offs[w_i];
+        let nl = win.chunks.len();
+        let (cy, cz) = split(nl, max);
+        let (sy, sz) = split(n, max);
+        let params = |wg_per_row| Params {
+            n_local: nl as u32,
+            chunk_off,
+            seq_off,
+            mask_off,
+            n_seqs: n as u32,
+            wg_per_row,
+            scale: p.scale,
+            _pad: 0,
+        };
+        let pc =
+            graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), wgpu::BufferUsages::UNIFORM)?;
+        let ps =
+            graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
+        if nl > 0 {
+            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
+        }
+        graph.dispatch(
+            &spec.key(Kernel::ChunkState, p),
+            &[&ps, &info, &x.k.buffer, &gc, &w, &u, h0, &h, &vn, carry],
+            [hv * (d.v as u32 / spec.bv), sy, sz],
+        )?;
+        if nl > 0 {
+            graph.dispatch(
+                &spec.key(Kernel::ChunkOutput, p),
+                &[&pc, &info, &x.q.buffer, &x.k.buffer, &gc, &h, &vn, &o.buffer],
+                [hv * (d.v as u32 / spec.bvo), cy, cz],
+            )?;
+        }
+    }
+    let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
+    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks }))
+}
+
+/// Intermediate results of the chunked forward (tests compare them with `reference::chunked`
+/// stage by stage). Per local chunk, padded to C rows, as laid out in `wgsl/chunk_common.wgsl`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ChunkStages {
+    pub out: Outputs,
+    /// (start row, len, sequence) per chunk.
+    pub chunks: Vec<[u32; 3]>,
+    /// `[L, HV, C]`
+    pub gc: Vec<f32>,
+    /// `[L, HV, C]`
+    pub beta: Vec<f32>,
+    /// `[L, HV, C, C]`
+    pub a: Vec<f32>,
+    /// `[L, HV, C, K]`
+    pub w: Vec<f32>,
+    /// `[L, HV, C, V]`
+    pub u: Vec<f32>,
+    /// `[L, HV, C, V]`
+    pub v_new: Vec<f32>,
+    /// `[L, HV, K, V]`
+    pub h: Vec<f32>,
+}
+
+impl Engine {
+    /// Runs the chunked forward in one window and returns its intermediates (for stage tests).
+    #[doc(hidden)]
+    pub fn chunked_stages(&self, x: &Inputs, opts: &crate::problem::Options, chunk: u32) -> Result<ChunkStages> {
+        let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
+        if let Some(why) = super::chunked_unsupported(&p) {
+            return Err(Error::Unsupported(why));
+        }
+        let mut graph = self.graph();
+        let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX)?;
+        let mut copies = Vec::new();
+        for (b, &size) in saved.bufs.iter().zip(&saved.sizes) {
+            let t = self.gpu.empty("wgdelta.chunk.stage", &[(size / 4) as usize], crate::problem::DType::F32)?;
+            graph.copy(b, 0, &t.buffer, 0, size);
+            copies.push(t);
+        }
+        self.submit(graph)?;
+        let mut v = copies.iter().map(|t| self.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?;
+        let mut next = || v.remove(0);
+        Ok(ChunkStages {
+            out,
+            chunks: saved.chunks,
+            gc: next(),
+            beta: next(),
+            a: next(),
+            w: next(),
+            u: next(),
+            v_new: next(),
+            h: next(),
+        })
+    }
+}
+
+/// Records the passes before the state walk: cumsum, kkt_solve, wu.
+#[allow(clippy::too_many_arguments)]
+fn record_chunk_passes(
+    graph: &mut PassGraph,
+    p: &Problem,
+    spec: &ChunkSpec,
+    x: &Inputs,
+    [pc, info, gc, bm, a, w, u]: [&wgpu::Buffer; 7],
+    hv: u32,
+    kv: u32,
+    [cy, cz]: [u32; 2],
+) -> Result<()> {
+    graph.dispatch(
+        &spec.key(Kernel::ChunkCumsum, p),
+        &[pc, info, &x.g.buffer, &x.beta.buffer, gc, bm],
+        [hv.div_ceil(WG), cy, cz],
+    )?;
+    graph.dispatch(
+        &spec.key(Kernel::ChunkKktSolve, p),
+        &[pc, info, &x.k.buffer, gc, bm, a],
+        [p.dims.h as u32, cy, cz],
+    )?;
+    graph.dispatch(
+        &spec.key(Kernel::ChunkWu, p),
+        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u],
+        [hv * (kv / spec.bd), cy, cz],
+    )
+}

@@ -1,0 +1,329 @@
+//! Chunked forward on the GPU against the float64 reference (and the recurrent kernel), over the
+//! option matrix of issue #3, plus stage-by-stage checks of each pass against
+//! `reference::chunked`. Every check prints its errors.
+mod common;
+use common::*;
+use std::sync::OnceLock;
+use wgdelta::reference::chunked as rc;
+use wgdelta::*;
+
+fn with_algo(c: &Case, algorithm: Algorithm) -> Case {
+    Case { opts: Options { algorithm, ..c.opts }, ..c.clone() }
+}
+
+fn chunked(c: &Case, chunk: u32) -> Case {
+    with_algo(c, Algorithm::Chunked { chunk })
+}
+
+/// Checks `c` with the chunked algorithm for each chunk size, and with the recurrent one.
+fn check_both(e: &Engine, c: &Case, chunks: &[u32]) {
+    for &chunk in chunks {
+        check_forward(e, &chunked(c, chunk));
+    }
+    check_forward(e, &with_algo(c, Algorithm::Recurrent));
+}
+
+const CHUNKS: [u32; 3] = [16, 32, 64];
+
+#[test]
+fn smoke() {
+    let e = engine();
+    check_forward(e, &chunked(&Case::new(1, 5, 1, 1, 16, 16), 16));
+    check_forward(e, &chunked(&Case::new(1, 40, 1, 1, 16, 16), 16));
+    check_forward(e, &chunked(&Case { h0: true, ..Case::new(2, 9, 2, 4, 32, 32) }, 16));
+}
+
+/// T in {1, 15, 16, 17, 63, 64, 65, 200, 1000}, every chunk size, GQA 2, h0.
+#[test]
+fn lengths() {
+    let e = engine();
+    for (i, t) in [1, 15, 16, 17, 63, 64, 65, 200, 1000].into_iter().enumerate() {
+        let c = Case { h0: i % 2 == 0, seed: 10 + i as u64, ..Case::new(1, t, 1, 2, 32, 32) };
+        check_both(e, &c, &CHUNKS);
+    }
+}
+
+/// GQA 1/2/4 x h0 on/off x both conventions, B = 2.
+#[test]
+fn heads_states_conventions() {
+    let e = engine();
+    for (gi, group) in [1, 2, 4].into_iter().enumerate() {
+        for h0 in [false, true] {
+            for mlx in [false, true] {
+                let opts = if mlx {
+                    Options { output_final_state: true, ..Options::mlx() }
+                } else {
+                    Case::new(1, 1, 1, 1, 16, 16).opts
+                };
+                let c = Case { h0, opts, seed: 100 + gi as u64, ..Case::new(2, 65, 2, 2 * group, 32, 32) };
+                check_both(e, &c, &[16, 64]);
+            }
+        }
+    }
+}
+
+/// f32, f16 and bf16 inputs (q, k, v, g and beta all in the dtype).
+#[test]
+fn dtypes() {
+    let e = engine();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for mlx in [false, true] {
+            let mut c = Case { dtype, h0: true, seed: 7, ..Case::new(1, 200, 2, 4, 64, 64) };
+            if mlx {
+                c.opts = Options { output_final_state: true, ..Options::mlx() };
+            }
+            check_both(e, &c, &CHUNKS);
+        }
+    }
+}
+
+/// Packed sequences of uneven lengths, including 0, 1 and non-multiples of the chunk.
+#[test]
+fn cu_seqlens() {
+    let e = engine();
+    let lens = [0i64, 1, 17, 0, 64, 100, 3, 130];
+    let mut cu = vec![0i64];
+    for l in lens {
+        cu.push(cu.last().unwrap() + l);
+    }
+    let t = *cu.last().unwrap() as usize;
+    for (i, mlx) in [false, true].into_iter().enumerate() {
+        let mut c =
+            Case { h0: true, cu_seqlens: Some(cu.clone()), seed: 20 + i as u64, ..Case::new(1, t, 2, 4, 32, 32) };
+        if mlx {
+            c.opts = Options { output_final_state: true, ..Options::mlx() };
+        }
+        check_both(e, &c, &CHUNKS);
+    }
+    let c = Case { dtype: DType::BF16, cu_seqlens: Some(cu.clone()), ..Case::new(1, t, 1, 2, 64, 32) };
+    check_both(e, &c, &[64]);
+}
+
+/// Padding masks run on the chunked passes too (decay 1, beta 0, output row 0).
+#[test]
+fn masks() {
+    let e = engine();
+    check_both(e, &Case { mask: true, h0: true, ..Case::new(2, 100, 1, 2, 32, 32) }, &CHUNKS);
+    let cu = vec![0i64, 30, 30, 95];
+    check_both(e, &Case { mask: true, cu_seqlens: Some(cu), ..Case::new(1, 95, 2, 2, 32, 32) }, &[32]);
+}
+
+/// Decay near log 1e-4 every step for 1000 steps, and decay near 1: finite and matching.
+#[test]
+fn strong_and_weak_decay() {
+    let e = engine();
+    let strong = (1e-4f64.ln() - 0.05, 1e-4f64.ln() + 0.05);
+    for (logdecay, normalize_k) in [(strong, true), ((-1e-5, 0.0), true), (strong, false), ((-1e-5, 0.0), false)] {
+        for mlx in [false, true] {
+            let mut c = Case { logdecay, normalize_k, h0: true, ..Case::new(1, 1000, 1, 2, 32, 32) };
+            if mlx {
+                c.opts = Options { output_final_state: true, ..Options::mlx() };
+            }
+            check_both(e, &c, &[16, 64]);
+        }
+    }
+}
+
+/// The production head size, K = V = 128, a few cases.
+#[test]
+fn head_dim_128() {
+    let e = engine();
+    check_both(e, &Case { h0: true, ..Case::new(1, 200, 2, 4, 128, 128) }, &[64]);
+    check_both(e, &Case { dtype: DType::BF16, ..Case::new(2, 130, 1, 2, 128, 128) }, &[32, 64]);
+    check_both(e, &Case { dtype: DType::F16, ..Case::new(1, 65, 1, 1, 64, 128) }, &[16]);
+}
+
+/// An engine whose chunked forward walks small windows of chunks (state carried between them).
+fn engine_small_windows() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| {
+        let gpu = Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("adapter");
+        let settings = Settings { poison_outputs: Some(true), chunk_window_bytes: Some(200_000), ..Default::default() };
+        Engine::with_settings(gpu, settings)
+    })
+}
+
+#[test]
+fn windows_carry_state() {
+    let e = engine_small_windows();
+    check_forward(e, &chunked(&Case { h0: true, ..Case::new(3, 300, 1, 2, 32, 32) }, 16));
+    let cu = vec![0i64, 0, 1, 40, 200, 203, 450];
+    let c = Case { h0: true, cu_seqlens: Some(cu), ..Case::new(1, 450, 1, 2, 32, 32) };
+    check_forward(e, &chunked(&c, 16));
+    let no_ht = Case { opts: Options { output_final_state: false, ..c.opts }, ..c.clone() };
+    check_forward(e, &chunked(&no_ht, 32));
+}
+
+/// The per-key gate is refused by `Chunked` and runs on the recurrent kernel under `Auto`.
+#[test]
+fn per_key_gate_routes_to_recurrent() {
+    let e = engine();
+    let c = Case { gate: GateKind::PerKey, ..Case::new(1, 100, 1, 2, 32, 32) };
+    let d = c.data();
+    let dev = d.upload(e);
+    let err = e.forward(&dev.inputs(None), &chunked(&c, 64).opts).unwrap_err();
+    println!("Chunked with a per-key gate: {err}");
+    assert!(matches!(err, Error::Unsupported(_)));
+    check_forward(e, &with_algo(&c, Algorithm::Auto));
+    let p = problem(&c, &d);
+    assert_eq!(ops::plan(&p, e.gpu().caps()).unwrap(), ops::Plan::Recurrent);
+}
+
+/// `Auto` picks the chunked passes for long sequences and the recurrent kernel for short ones.
+#[test]
+fn auto_plan() {
+    let e = engine();
+    for (t, want) in [(1, ops::Plan::Recurrent), (63, ops::Plan::Recurrent), (64, ops::Plan::Chunked { chunk: 64 })] {
+        let c = with_algo(&Case::new(1, t, 1, 1, 16, 16), Algorithm::Auto);
+        let p = problem(&c, &c.data());
+        assert_eq!(ops::plan(&p, e.gpu().caps()).unwrap(), want, "T = {t}");
+        check_forward(e, &c);
+    }
+}
+
+/// A warm engine allocates no scratch for a repeated call of the same shape.
+#[test]
+fn scratch_is_pooled() {
+    let gpu = Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("adapter");
+    let e = Engine::with_settings(gpu, Settings { poison_outputs: Some(true), ..Default::default() });
+    let c = chunked(&Case { h0: true, ..Case::new(2, 300, 2, 4, 64, 64) }, 64);
+    check_forward(&e, &c);
+    let first = e.scratch_bytes();
+    check_forward(&e, &c);
+    check_forward(&e, &c);
+    let later = e.scratch_bytes();
+    println!("scratch bytes (now, peak): after one call {first:?}, after three {later:?}");
+    assert_eq!(first, later);
+}
+
+/// Remaps a per-chunk, C-padded scratch `[L, HV, C, X]` to the reference layout `[rows, HV, X]`.
+fn unpad(s: &ops::chunked::ChunkStages, x: &[f32], rows: usize, hv: usize, c: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0.0; rows * hv * width];
+    for (lc, &[start, len, _]) in s.chunks.iter().enumerate() {
+        for h in 0..hv {
+            for i in 0..len as usize {
+                let src = ((lc * hv + h) * c + i) * width;
+                let dst = ((start as usize + i) * hv + h) * width;
+                out[dst..dst + width].copy_from_slice(&x[src..src + width]);
+            }
+        }
+    }
+    out
+}
+
+/// Each pass's output against its float64 twin in `reference::chunked`.
+fn check_stages(e: &Engine, c: &Case, chunk: u32) {
+    let d = c.data();
+    let dev = d.upload(e);
+    let s = e.chunked_stages(&dev.inputs(c.cu_seqlens.as_deref()), &chunked(c, chunk).opts, chunk).expect("stages");
+    let p = problem(c, &d);
+    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
+    let mask = d.mask.as_ref().map(|m| &m.bytes[..]);
+    let beta: Vec<f64> = match mask {
+        Some(m) => beta.iter().enumerate().map(|(i, &b)| if m[i / c.hv] != 0 { b } else { 0.0 }).collect(),
+        None => beta,
+    };
+    let h0 = d.h0.as_ref().map(|t| t.to_f64());
+    let ch = chunk as usize;
+    let gc = rc::chunk_local_cumsum(&p, &g, mask, ch);
+    let a_raw = rc::scaled_dot_kkt(&p, &k, &beta, &gc, ch);
+    let a = rc::solve_tril(&p, &a_raw, ch);
+    let (w, u) = rc::recompute_w_u(&p, &k, &v, &beta, &a, &gc, ch);
+    let fh = rc::chunk_fwd_h(&p, &k, &w, &u, &gc, h0.as_deref(), ch);
+    let rows = c.b * c.t;
+    let errs = [
+        ("gc", rel_err(&unpad(&s, &s.gc, rows, c.hv, ch, 1), &gc)),
+        ("beta", rel_err(&unpad(&s, &s.beta, rows, c.hv, ch, 1), &beta)),
+        ("A", rel_err(&unpad(&s, &s.a, rows, c.hv, ch, ch), &a)),
+        ("w", rel_err(&unpad(&s, &s.w, rows, c.hv, ch, c.k), &w)),
+        ("u", rel_err(&unpad(&s, &s.u, rows, c.hv, ch, c.v), &u)),
+        ("v_new", rel_err(&unpad(&s, &s.v_new, rows, c.hv, ch, c.v), &fh.v_new)),
+        ("h", rel_err(&s.h[..fh.h.len()], &fh.h)),
+    ];
+    let o = e.download(&s.out.o).unwrap().to_f32();
+    let mut o_ref = rc::chunk_fwd_o(&p, &q, &k, &fh.v_new, &fh.h, &gc, ch);
+    if let Some(m) = mask {
+        for (r, row) in o_ref.chunks_mut(c.hv * c.v).enumerate() {
+            if m[r] == 0 {
+                row.fill(0.0);
+            }
+        }
+    }
+    let eo = rel_err(&o, &o_ref);
+    let tol = fwd_tol(c.dtype);
+    print!("stages C={chunk:<2} {:<100}", c.label());
+    for (n, x) in errs.iter().chain([("o", eo)].iter()) {
+        print!(" {n} {x:.1e}");
+    }
+    println!();
+    for (n, x) in errs.iter().chain([("o", eo)].iter()) {
+        assert!(*x <= tol, "{}: stage {n} error {x:.3e} above {tol:.0e}", c.label());
+    }
+}
+
+#[test]
+fn stages() {
+    let e = engine();
+    for chunk in CHUNKS {
+        check_stages(e, &Case { h0: true, ..Case::new(1, 100, 1, 2, 32, 32) }, chunk);
+    }
+    let cu = vec![0i64, 5, 5, 70, 90];
+    check_stages(e, &Case { mask: true, h0: true, cu_seqlens: Some(cu), ..Case::new(1, 90, 2, 4, 32, 16) }, 16);
+    let mlx = Options { output_final_state: true, ..Options::mlx() };
+    check_stages(e, &Case { opts: mlx, dtype: DType::BF16, ..Case::new(2, 70, 1, 1, 64, 64) }, 64);
+}
+
+/// The issue's perf shape (bf16, H=16, HV=32, K=V=128, B=1, T=16384, chunk 64): chunked against
+/// recurrent on the same device. Needs bindings above llvmpipe's 128 MiB: run on a real GPU with
+/// `cargo test --release --test chunked production_shape -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn production_shape() {
+    let e = engine();
+    let c = Case { dtype: DType::BF16, h0: true, ..Case::new(1, 16384, 16, 32, 128, 128) };
+    let d = c.data();
+    let dev = d.upload(e);
+    let run = |algorithm| {
+        let t0 = std::time::Instant::now();
+        let out = e.forward(&dev.inputs(None), &Options { algorithm, ..c.opts }).expect("forward");
+        let o = e.download(&out.o).unwrap().to_f32();
+        let ht = e.download(out.ht.as_ref().unwrap()).unwrap().to_f32();
+        println!("{algorithm:?}: {:.1} ms (with readback)", t0.elapsed().as_secs_f64() * 1e3);
+        (o, ht)
+    };
+    let (o_r, ht_r) = run(Algorithm::Recurrent);
+    let (o_c, ht_c) = run(Algorithm::Chunked { chunk: 64 });
+    let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let (eo, eh) = (rel_err(&o_c, &wide(&o_r)), rel_err(&ht_c, &wide(&ht_r)));
+    println!("chunked vs recurrent: o {eo:.2e}, ht {eh:.2e}; scratch (now, peak) {:?}", e.scratch_bytes());
+    assert!(eo < 1e-3 && eh < 1e-3);
+}
+
+/// Per-pass GPU times of the chunked forward against the recurrent kernel (a rough guide on the
+/// software driver; `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn profile_passes() {
+    let gpu = Gpu::with_options(&GpuOptions::default()).expect("adapter");
+    let e = Engine::with_settings(gpu, Settings { profile: true, ..Default::default() });
+    let c = Case { dtype: DType::BF16, ..Case::new(1, 2048, 2, 4, 128, 128) };
+    let d = c.data();
+    let dev = d.upload(&e);
+    for algorithm in [Algorithm::Recurrent, Algorithm::Chunked { chunk: 64 }, Algorithm::Chunked { chunk: 32 }] {
+        for _ in 0..2 {
+            let out = e.forward(&dev.inputs(None), &Options { algorithm, ..c.opts }).expect("forward");
+            e.download(&out.o).unwrap();
+        }
+        let prof = e.last_profile().unwrap_or_default();
+        let total: f64 = prof.iter().map(|p| p.ns).sum();
+        let mut by: Vec<(&str, f64)> = Vec::new();
+        for p in &prof {
+            match by.iter_mut().find(|(l, _)| *l == p.label) {
+                Some(x) => x.1 += p.ns,
+                None => by.push((p.label, p.ns)),
+            }
+        }
+        let parts: Vec<String> = by.iter().map(|(l, ns)| format!("{l} {:.1} ms", ns / 1e6)).collect();
+        println!("{algorithm:?}: {:.1} ms  [{}]", total / 1e6, parts.join(", "));
+    }
+}

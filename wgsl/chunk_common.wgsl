@@ -1,0 +1,76 @@
+// chunk_common.wgsl — shared by the chunked passes (chunk_*.wgsl): parameters, specialisation
+// constants, the chunk table and the mask. Assembled as prelude + this file + the pass's file.
+//
+// The chunked forward runs over one *window* of chunks at a time (all chunks when they fit the
+// scratch budget). A window holds L local chunks; local chunk lc is rows start .. start+len of
+// sequence seq (len <= C; a chunk never straddles two sequences). Scratch is laid out per local
+// chunk and value head, padded to C rows (rows i >= len of a chunk are zero / identity):
+//   gc, bm [L, HV, C]      in-chunk cumulative log-decay; beta with masked tokens zeroed
+//   a      [L, HV, C, C]   A = (I + StrictLower(diag(beta) K K^T ∘ Γ))^-1
+//   w      [L, HV, C, K]   w = A (beta ∘ exp(gc) ∘ K)
+//   u, vn  [L, HV, C, V]   u = A (beta ∘ V), v_new = u - w S
+//   h      [L, HV, K, V]   state at the start of the chunk (kv order)
+// Inputs keep their own layouts: q, k [rows, H, K], v [rows, HV, V], g, beta [rows, HV] (rows =
+// the flattened [B*T] token axis), o [rows, HV, V] f32, states [N, HV, K, V] (kv) or [N, HV, V, K] (vk).
+//
+// Chunk table `info` (u32 words, built on the host per window):
+//   at P.chunk_off: per local chunk, (start row, len, seq)
+//   at P.seq_off:   per sequence n, (lo, hi, first): its chunks in this window are local chunks
+//                   lo .. hi, in time order; first = 1 when they begin at the sequence's first chunk
+//                   (its state then comes from h0), 0 when from the carried state of an earlier window
+//   at P.mask_off:  mask bytes, packed four to a word (HAS_MASK)
+
+struct Params {
+    n_local: u32,    // local chunks L in this window
+    chunk_off: u32,
+    seq_off: u32,
+    mask_off: u32,
+    n_seqs: u32,
+    wg_per_row: u32, // workgroups along y before z takes over (grid limit)
+    scale: f32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> info: array<u32>;
+
+override H: u32;
+override HV: u32;
+override K: u32;
+override V: u32;
+override GROUP: u32 = HV / H;
+override C: u32;             // chunk size: 16, 32 or 64
+override QKV_DT: u32 = 0u;
+override G_DT: u32 = 0u;
+override BETA_DT: u32 = 0u;
+override GATE_LINEAR: bool = false;
+override LAYOUT_VK: bool = false;
+override HAS_MASK: bool = false;
+override HAS_H0: bool = false;
+override BV: u32 = 16u;      // state pass: value columns per workgroup (divides V)
+override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
+override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
+
+// Workgroup size of every chunked pass.
+const WG: u32 = 256u;
+// Largest workgroup tile (floats): C*C, K*BV, C*BD and C*BVO are kept <= TILE (host-checked).
+const TILE: u32 = 4096u;
+
+// (start row, len, seq) of local chunk lc.
+fn chunk_at(lc: u32) -> vec3<u32> {
+    let b = P.chunk_off + 3u * lc;
+    return vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+}
+
+// Whether token row `row` is real (not masked out).
+fn live(row: u32) -> bool {
+    if (!HAS_MASK) {
+        return true;
+    }
+    return byte_of(info[P.mask_off + row / 4u], row) != 0u;
+}
+
+// Index of the local chunk of the workgroup on the y/z axes of the grid.
+fn local_chunk(wid: vec3<u32>) -> u32 {
+    return wid.y + wid.z * P.wg_per_row;
+}
