@@ -231,7 +231,10 @@ impl Gpu {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|e| Error::Device { context: format!("request_device on {}", info.name), message: e.to_string() })?;
+            .map_err(|e| Error::Device {
+                context: format!("request_device on {}", info.name),
+                message: e.to_string(),
+            })?;
 
         let lost = Arc::new(Mutex::new(None));
         let lost2 = lost.clone();
@@ -324,6 +327,28 @@ impl Gpu {
                 unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
             }
         })
+    }
+
+    /// Creates a shader module from Metal source through wgpu's passthrough shaders (no naga, no
+    /// bounds checks): the hand-written twins in `msl_overrides/`. `workgroup` is the entry point's
+    /// threads per workgroup (MSL has no override constants for wgpu to set).
+    pub(crate) fn msl_module(
+        &self,
+        label: &str,
+        source: &str,
+        entry: &str,
+        workgroup: u32,
+    ) -> Result<wgpu::ShaderModule> {
+        let entries = [wgpu::PassthroughShaderEntryPoint { name: entry.into(), workgroup_size: (workgroup, 1, 1) }];
+        let desc = wgpu::ShaderModuleDescriptorPassthrough {
+            label: Some(label),
+            entry_points: entries[..].into(),
+            msl: Some(source.into()),
+            ..Default::default()
+        };
+        // SAFETY: the Metal twins bind exactly the WGSL twin's layout (checked by a test against
+        // naga's reflection of the WGSL) and index only inside host-validated shapes.
+        self.scoped(label, || unsafe { self.device.create_shader_module_passthrough(desc) })
     }
 
     /// Blocks until all submitted work is done.

@@ -5,7 +5,7 @@ use crate::device::{Gpu, GpuOptions};
 use crate::error::Result;
 use crate::graph::{PassGraph, PassTime, Pool};
 use crate::kernels::recurrent::Tiles;
-use crate::kernels::KernelCache;
+use crate::kernels::{Accum, KernelCache};
 use crate::problem::DType;
 use crate::tensor::{HostTensor, Tensor};
 use std::sync::Mutex;
@@ -20,6 +20,11 @@ pub struct Settings {
     pub profile: bool,
     /// Force the recurrent kernels' tiling (tests and tuning); invalid values are rejected.
     pub recurrent_tiles: Option<Tiles>,
+    /// Force the backward's accumulation variant (tests and tuning). `None`: deterministic when
+    /// `Options::deterministic`, else float atomics when granted, else the compare-and-swap loop.
+    pub accum: Option<Accum>,
+    /// Tokens between the forward's saved states for the backward (`None`: 64).
+    pub checkpoint_every: Option<usize>,
 }
 
 /// A device with compiled kernels and reusable scratch memory. Create one and reuse it.

@@ -67,7 +67,11 @@ pub enum Error {
 
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A safetensors file could not be parsed or written.
     #[error("safetensors: {0}")]

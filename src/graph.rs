@@ -10,6 +10,7 @@ use std::sync::Mutex;
 enum Step {
     Pass { label: &'static str, pipeline: wgpu::ComputePipeline, bind_group: wgpu::BindGroup, grid: [u32; 3] },
     Copy { src: wgpu::Buffer, src_off: u64, dst: wgpu::Buffer, dst_off: u64, size: u64 },
+    Clear { buffer: wgpu::Buffer, size: u64 },
 }
 
 /// A buffer taken from the [`Pool`]; returned to it when the graph that holds it is submitted.
@@ -38,7 +39,12 @@ impl Pool {
         }
         gpu.check_size(label, size)?;
         let buffer = gpu.scoped(label, || {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
         })?;
         if let Ok(mut l) = self.live_bytes.lock() {
             l.0 += size;
@@ -144,6 +150,13 @@ impl<'a> PassGraph<'a> {
         }
     }
 
+    /// Records zero-filling the first `size` bytes of a buffer (a multiple of 4).
+    pub fn clear(&mut self, buffer: &wgpu::Buffer, size: u64) {
+        if size > 0 {
+            self.steps.push(Step::Clear { buffer: buffer.clone(), size });
+        }
+    }
+
     /// Number of compute passes recorded.
     pub fn passes(&self) -> usize {
         self.steps.iter().filter(|s| matches!(s, Step::Pass { .. })).count()
@@ -189,8 +202,10 @@ impl<'a> PassGraph<'a> {
                             beginning_of_pass_write_index: Some(2 * pass_i),
                             end_of_pass_write_index: Some(2 * pass_i + 1),
                         });
-                        let mut cp =
-                            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: tw });
+                        let mut cp = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some(label),
+                            timestamp_writes: tw,
+                        });
                         cp.set_pipeline(pipeline);
                         cp.set_bind_group(0, bind_group, &[]);
                         cp.dispatch_workgroups(grid[0], grid[1], grid[2]);
@@ -201,6 +216,7 @@ impl<'a> PassGraph<'a> {
                     Step::Copy { src, src_off, dst, dst_off, size } => {
                         enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *size);
                     }
+                    Step::Clear { buffer, size } => enc.clear_buffer(buffer, 0, Some(*size)),
                 }
             }
             if let Some((qs, resolve, _)) = &queries {

@@ -342,7 +342,11 @@ impl Problem {
         } else if g.shape == [b, t, hv, kd] {
             GateKind::PerKey
         } else {
-            return Err(shape_err("g", &g.shape, format!("[B, T, HV] = {:?} or [B, T, HV, K] = {:?}", [b, t, hv], [b, t, hv, kd])));
+            return Err(shape_err(
+                "g",
+                &g.shape,
+                format!("[B, T, HV] = {:?} or [B, T, HV, K] = {:?}", [b, t, hv], [b, t, hv, kd]),
+            ));
         };
         expect_shape("beta", beta, &[b, t, hv], "[B, T, HV]")?;
         expect_float("beta", beta)?;

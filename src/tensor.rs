@@ -87,7 +87,9 @@ impl HostTensor {
     pub fn to_i64(&self) -> Option<Vec<i64>> {
         let b = &self.bytes;
         match self.dtype {
-            DType::I32 => Some(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()),
+            DType::I32 => {
+                Some(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect())
+            }
             DType::I64 => Some(
                 b.chunks_exact(8)
                     .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
@@ -152,7 +154,12 @@ impl Gpu {
             });
         }
         if p > self.caps.max_buffer {
-            return Err(Error::TooLarge { name: name.into(), bytes, limit_name: "max_buffer_size", limit: self.caps.max_buffer });
+            return Err(Error::TooLarge {
+                name: name.into(),
+                bytes,
+                limit_name: "max_buffer_size",
+                limit: self.caps.max_buffer,
+            });
         }
         Ok(())
     }
@@ -206,7 +213,8 @@ impl Gpu {
                 mapped_at_creation: false,
             })
         })?;
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wgdelta.readback") });
+        let mut enc =
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wgdelta.readback") });
         enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
         self.scoped("wgdelta.readback", || self.queue.submit([enc.finish()]))?;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -280,11 +288,13 @@ impl TensorFile {
     /// Parses safetensors bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::SafeTensors(e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
-            let dtype = st_dtype(view.dtype())
-                .ok_or_else(|| Error::SafeTensors(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+            let dtype = st_dtype(view.dtype()).ok_or_else(|| {
+                Error::SafeTensors(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+            })?;
             let t = HostTensor::from_bytes(&name, view.shape(), dtype, view.data().to_vec())?;
             tensors.insert(name, t);
         }

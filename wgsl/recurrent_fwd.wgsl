@@ -11,6 +11,8 @@
 // Shapes (rows r = b*T + t of the flattened token axis; sequence n = rows seq[n] .. seq[n+1]):
 //   q, k [rows, H, K]   v [rows, HV, V]   g [rows, HV] or [rows, HV, K]   beta [rows, HV]
 //   o [rows, HV, V] (f32)   state [slots, HV, K, V] (kv) or [slots, HV, V, K] (vk), f32
+//   ckpt [N, HV, NB, K, V] (f32, always kv order): with CHECKPOINT = C > 0, the state before row
+//   seq[n] + b*C of each sequence (b < NB = ceil(max_len / C)), for the backward's replay.
 // Value head hv reads key head hv / GROUP.
 //
 // Grid: one workgroup per (tile of BV value columns, hv, n). Inside it, KT threads share each
@@ -25,7 +27,7 @@ struct Params {
     mask_off: u32,    // first mask word in `info` (when HAS_MASK)
     wg_per_row: u32,  // workgroups along y before z takes over (grid limit)
     scale: f32,
-    _pad0: u32,
+    ck_blocks: u32,   // NB: checkpoint blocks per (sequence, head) (when CHECKPOINT > 0)
     _pad1: u32,
     _pad2: u32,
 }
@@ -41,6 +43,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read> h0: array<f32>;
 @group(0) @binding(8) var<storage, read_write> o: array<f32>;
 @group(0) @binding(9) var<storage, read_write> state: array<f32>;
+@group(0) @binding(10) var<storage, read_write> ckpt: array<f32>;
 
 override H: u32;
 override HV: u32;
@@ -63,6 +66,8 @@ override STATE_SRC: u32 = 0u;
 override STORE_STATE: bool = false;
 // Row n of the batch reads and writes state slot info[slots_off + n] instead of slot n.
 override USE_SLOTS: bool = false;
+// Save the state every CHECKPOINT tokens of each sequence into `ckpt` (0: off).
+override CHECKPOINT: u32 = 0u;
 
 const MAX_KR: u32 = 16u;
 const TILE_MAX: u32 = 2048u;  // K * BV <= 2048 (host-checked)
@@ -136,6 +141,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var row = bounds.x; row < bounds.y; row++) {
         let kq_base = (row * H + hk) * K;
         let hrow = row * HV + hv;
+        if (CHECKPOINT > 0u && (row - bounds.x) % CHECKPOINT == 0u) {
+            let cbase = ((n * HV + hv) * P.ck_blocks + (row - bounds.x) / CHECKPOINT) * K * V;
+            for (var m = 0u; m < KR; m++) {
+                let i = r + KT * m;
+                if (i < K) {
+                    ckpt[cbase + i * V + j] = s[m];
+                }
+            }
+        }
         var live = true;
         if (HAS_MASK) {
             live = byte_of(info[P.mask_off + row / 4u], row) != 0u;

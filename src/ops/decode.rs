@@ -16,7 +16,10 @@ impl Engine {
     /// Returns `o`. `x.h0` must be `None` (the pool is the state); slots must be distinct.
     pub fn decode(&self, x: &Inputs, pool: &Tensor, slots: &[i64], opts: &Options) -> Result<Tensor> {
         if x.h0.is_some() {
-            return Err(Error::Option { name: "h0", why: "decode reads its state from the pool; pass h0 = None".into() });
+            return Err(Error::Option {
+                name: "h0",
+                why: "decode reads its state from the pool; pass h0 = None".into(),
+            });
         }
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
         let d = &p.dims;
@@ -36,7 +39,11 @@ impl Engine {
             });
         }
         if slots.len() != n {
-            return Err(Error::Shape { name: "slots", got: vec![slots.len()], expected: format!("[{n}] (one per sequence)") });
+            return Err(Error::Shape {
+                name: "slots",
+                got: vec![slots.len()],
+                expected: format!("[{n}] (one per sequence)"),
+            });
         }
         let n_slots = pool.shape()[0];
         let mut seen = vec![false; n_slots];
@@ -52,7 +59,14 @@ impl Engine {
         }
         let o = self.output("o", &[d.b, d.t, d.hv, d.v])?;
         let mut graph = self.graph();
-        let io = StateIo { src: StateSrc::InPlace, h0: None, state: Some(&pool.buffer), store: true, slots: Some(&idx) };
+        let io = StateIo {
+            src: StateSrc::InPlace,
+            h0: None,
+            state: Some(&pool.buffer),
+            store: true,
+            slots: Some(&idx),
+            ckpt: None,
+        };
         record(self, &mut graph, &p, x, &o, io)?;
         self.submit(graph)?;
         Ok(o)

@@ -1,6 +1,7 @@
 //! Operations on the engine: the public entry points, validation first, then the plan (which
 //! algorithm), then the passes. `forward` chooses between algorithms; nothing is rebound at run time.
 
+pub mod backward;
 pub mod decode;
 pub mod recurrent;
 

@@ -17,6 +17,8 @@ pub(crate) struct StateIo<'a> {
     pub store: bool,
     /// Slot of each sequence in the state buffer (decode against a pool).
     pub slots: Option<&'a [u32]>,
+    /// Checkpoints for the backward: (buffer `[N, HV, NB, K, V]`, interval C, NB).
+    pub ckpt: Option<(&'a wgpu::Buffer, u32, u32)>,
 }
 
 impl Engine {
@@ -35,39 +37,65 @@ impl Engine {
     }
 }
 
-/// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
-pub(crate) fn record(eng: &Engine, graph: &mut PassGraph, p: &Problem, x: &Inputs, o: &Tensor, io: StateIo) -> Result<()> {
-    let tiles = eng.recurrent_tiles(p)?;
-    let d = &p.dims;
-    let n = p.n_seqs();
-
-    // meta = seq offsets [N+1] | slots [N] | mask bytes (copied on the device from the mask tensor).
+/// Records the `info` table the recurrent kernels read: seq offsets [N+1] | `slots` | mask bytes
+/// (copied on the device from the mask tensor). Returns the buffer, the slots offset and the mask
+/// offset, in words.
+pub(crate) fn record_info(
+    graph: &mut PassGraph,
+    p: &Problem,
+    mask: Option<&Tensor>,
+    slots: Option<&[u32]>,
+) -> Result<(wgpu::Buffer, u32, u32)> {
     let mut words: Vec<u32> = p.seqs.offsets.clone();
     let slots_off = words.len() as u32;
-    if let Some(s) = io.slots {
+    if let Some(s) = slots {
         words.extend_from_slice(s);
     }
     let mask_off = words.len() as u32;
-    let mask_bytes = x.mask.map(|m| padded(m.byte_len())).unwrap_or(0);
+    let mask_bytes = mask.map(|m| padded(m.byte_len())).unwrap_or(0);
     words.resize(words.len() + (mask_bytes / 4) as usize, 0);
     let meta = graph.scratch_with("wgdelta.meta", bytemuck::cast_slice(&words), wgpu::BufferUsages::STORAGE)?;
-    if let Some(m) = x.mask {
+    if let Some(m) = mask {
         graph.copy(&m.buffer, 0, &meta, mask_off as u64 * 4, mask_bytes);
     }
+    Ok((meta, slots_off, mask_off))
+}
+
+/// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
+pub(crate) fn record(
+    eng: &Engine,
+    graph: &mut PassGraph,
+    p: &Problem,
+    x: &Inputs,
+    o: &Tensor,
+    io: StateIo,
+) -> Result<()> {
+    let tiles = eng.recurrent_tiles(p)?;
+    let d = &p.dims;
+    let n = p.n_seqs();
+    let (meta, slots_off, mask_off) = record_info(graph, p, x.mask, io.slots)?;
 
     let max = eng.gpu.caps.max_workgroups_per_dim;
     let tiles_x = (d.v as u32 / tiles.bv) * d.hv as u32;
     let gy = (n as u32).clamp(1, max);
     let gz = (n as u32).div_ceil(gy);
-    let params = Params { n_seqs: n as u32, slots_off, mask_off, wg_per_row: gy, scale: p.scale, _pad: [0; 3] };
+    let (ckpt, every, ck_blocks) = io.ckpt.unwrap_or((&eng.dummy_write, 0, 0));
+    let params =
+        Params { n_seqs: n as u32, slots_off, mask_off, wg_per_row: gy, scale: p.scale, ck_blocks, _pad: [0; 2] };
     let ubuf = graph.scratch_with("wgdelta.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
 
-    let spec = RecurrentSpec { tiles, state_src: io.src, store_state: io.store, use_slots: io.slots.is_some() };
+    let spec = RecurrentSpec {
+        tiles,
+        state_src: io.src,
+        store_state: io.store,
+        use_slots: io.slots.is_some(),
+        checkpoint: every,
+    };
     let h0 = io.h0.unwrap_or(&eng.dummy_read);
     let state = io.state.unwrap_or(&eng.dummy_write);
     graph.dispatch(
         &spec.key(p),
-        &[&ubuf, &x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer, &x.beta.buffer, &meta, h0, &o.buffer, state],
+        &[&ubuf, &x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer, &x.beta.buffer, &meta, h0, &o.buffer, state, ckpt],
         [tiles_x, gy, gz],
     )
 }
@@ -84,6 +112,7 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs) -> Result<Outputs> 
         state: ht.as_ref().map(|t| &t.buffer),
         store: ht.is_some(),
         slots: None,
+        ckpt: None,
     };
     record(eng, &mut graph, p, x, &o, io)?;
     eng.submit(graph)?;

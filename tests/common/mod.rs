@@ -151,7 +151,8 @@ impl Case {
         let beta = rng.uniforms(b * t * hv, 0.0, 1.0);
         let sshape = self.state_shape();
         let h0 = self.h0.then(|| rng.normals(sshape.iter().product()).iter().map(|x| 0.5 * x).collect::<Vec<_>>());
-        let mask = self.mask.then(|| (0..b * t).map(|i| if (i * 7 + 3) % 5 == 0 { 0u8 } else { 1u8 }).collect::<Vec<u8>>());
+        let mask =
+            self.mask.then(|| (0..b * t).map(|i| if (i * 7 + 3) % 5 == 0 { 0u8 } else { 1u8 }).collect::<Vec<u8>>());
         let rt = |shape: &[usize], x: &[f64], dt: DType| HostTensor::from_f64(shape, x, dt);
         let q = rt(&[b, t, h, k], &q, self.dtype);
         let kk = rt(&[b, t, h, k], &kk, self.dtype);
@@ -254,7 +255,8 @@ pub fn reference_forward(c: &Case, d: &CaseData) -> reference::RefOutputs {
 pub fn check_forward(e: &Engine, c: &Case) -> (f64, f64) {
     let d = c.data();
     let dev = d.upload(e);
-    let out = e.forward(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts).unwrap_or_else(|err| panic!("{}: {err}", c.label()));
+    let out =
+        e.forward(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts).unwrap_or_else(|err| panic!("{}: {err}", c.label()));
     let o = e.download(&out.o).expect("download o").to_f32();
     let r = reference_forward(c, &d);
     let eo = rel_err(&o, &r.o);
