@@ -16,7 +16,14 @@ fn engine_with(accum: Accum, every: Option<usize>, no_subgroups: bool) -> Engine
     .expect("a GPU adapter");
     Engine::with_settings(
         gpu,
-        Settings { poison_outputs: Some(true), accum: Some(accum), checkpoint_every: every, ..Default::default() },
+        Settings {
+            poison_outputs: Some(true),
+            accum: Some(accum),
+            checkpoint_every: every,
+            // Per-pass labels, to see which passes ran.
+            profile: true,
+            ..Default::default()
+        },
     )
 }
 
@@ -272,6 +279,9 @@ fn accumulation_mechanisms_agree() {
         let (ga, ea) = check_backward(atomic(), b);
         let (gc, ec) = check_backward(cas(), b);
         let (gd, ed) = check_backward(det(), b);
+        let passes: Vec<&str> = det().last_profile().unwrap_or_default().iter().map(|t| t.label).collect();
+        println!("  deterministic passes: {passes:?}");
+        assert!(passes.contains(&"wgdelta.reduce_partials"), "deterministic mode ran no reduction pass");
         let (ac, ad) = (max_rel_diff(&ga, &gc), max_rel_diff(&ga, &gd));
         println!("  f32-atomic {ea:.1e} | cas {ec:.1e} | deterministic {ed:.1e} vs reference; atomic vs cas {ac:.1e}, atomic vs det {ad:.1e}");
         assert!(ac < 1e-5 && ad < 1e-5, "accumulation mechanisms disagree: {ac:.2e} {ad:.2e}");
