@@ -141,8 +141,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var row = bounds.x; row < bounds.y; row++) {
         let kq_base = (row * H + hk) * K;
         let hrow = row * HV + hv;
-        if (CHECKPOINT > 0u && (row - bounds.x) % CHECKPOINT == 0u) {
-            let cbase = ((n * HV + hv) * P.ck_blocks + (row - bounds.x) / CHECKPOINT) * K * V;
+        // (max(.., 1u): naga rejects an integer division by a constant zero even in dead code.)
+        let every = max(CHECKPOINT, 1u);
+        if (CHECKPOINT > 0u && (row - bounds.x) % every == 0u) {
+            let cbase = ((n * HV + hv) * P.ck_blocks + (row - bounds.x) / every) * K * V;
             for (var m = 0u; m < KR; m++) {
                 let i = r + KT * m;
                 if (i < K) {

@@ -191,10 +191,13 @@ impl PipelineKey {
     }
 }
 
+/// One WGSL module per source variant.
+type ModuleKey = (Kernel, Reduce, Option<Accum>);
+
 /// Caches shader modules, bind group layouts and pipelines, so each specialisation compiles once.
 #[derive(Default)]
 pub struct KernelCache {
-    modules: Mutex<HashMap<(Kernel, Reduce, Option<Accum>), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }

@@ -78,6 +78,22 @@ pub struct Grads {
 impl Engine {
     /// The forward of a training step: `o` (and `ht` when asked) as [`Engine::forward`] computes
     /// them, plus a [`Saved`] context for [`Engine::backward`].
+    ///
+    /// ```no_run
+    /// use wgdelta::{Engine, HostTensor, Inputs, Options};
+    /// let eng = Engine::new()?;
+    /// let (b, t, h, hv, k, v) = (1, 100, 1, 2, 32, 32);
+    /// let up = |n: &str, s: &[usize]| eng.upload(n, &HostTensor::from_f32(s, &vec![0.1; s.iter().product()]));
+    /// let (q, kk, vv) = (up("q", &[b, t, h, k])?, up("k", &[b, t, h, k])?, up("v", &[b, t, hv, v])?);
+    /// let (g, beta) = (up("g", &[b, t, hv])?, up("beta", &[b, t, hv])?);
+    /// let (out, saved) = eng.forward_train(&Inputs::new(&q, &kk, &vv, &g, &beta), &Options::default())?;
+    /// let d_o = up("do", &[b, t, hv, v])?; // dL/do from the rest of the model
+    /// let grads = eng.backward(&saved, &d_o, None)?;
+    /// assert_eq!(grads.dq.shape(), &[b, t, h, k]);
+    /// assert_eq!(saved.checkpoints().shape(), &[1, hv, 2, k, v]); // ceil(100 / 64) states per head
+    /// # let _ = out;
+    /// # Ok::<(), wgdelta::Error>(())
+    /// ```
     pub fn forward_train(&self, x: &Inputs, opts: &Options) -> Result<(Outputs, Saved)> {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
         match plan(&p)? {
