@@ -369,3 +369,19 @@ fn backward_validates_upstream_gradients() {
     let bad_dht = e.upload("dht", &HostTensor::from_f32(&[1, 1, 16, 8], &[0.0; 128])).expect("upload");
     assert!(matches!(e.backward(&saved, &d_o, Some(&bad_dht)), Err(Error::Shape { name: "dht", .. })));
 }
+
+#[test]
+fn strong_decay_and_raw_keys_stay_finite() {
+    // Decays down to 1e-4 (SPEC 6) and un-normalised keys; both gate forms, both conventions.
+    for (gate, conv_mlx) in [(GateKind::Scalar, false), (GateKind::PerKey, true)] {
+        let mut c = Case::new(1, 300, 1, 2, 32, 32);
+        c.gate = gate;
+        c.logdecay = (-9.2, -0.001);
+        c.normalize_k = false;
+        c.h0 = true;
+        if conv_mlx {
+            c = mlx(c);
+        }
+        check_backward(atomic(), &bcase(c, true));
+    }
+}
