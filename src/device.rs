@@ -340,6 +340,28 @@ impl Gpu {
         }
     }
 
+    /// Creates a shader module from Metal source through wgpu's passthrough shaders (no naga, no
+    /// bounds checks): the hand-written twins in `msl_overrides/`. `workgroup` is the entry point's
+    /// threads per workgroup (MSL has no override constants for wgpu to set).
+    pub(crate) fn msl_module(
+        &self,
+        label: &str,
+        source: &str,
+        entry: &str,
+        workgroup: u32,
+    ) -> Result<wgpu::ShaderModule> {
+        let entries = [wgpu::PassthroughShaderEntryPoint { name: entry.into(), workgroup_size: (workgroup, 1, 1) }];
+        let desc = wgpu::ShaderModuleDescriptorPassthrough {
+            label: Some(label),
+            entry_points: entries[..].into(),
+            msl: Some(source.into()),
+            ..Default::default()
+        };
+        // SAFETY: the Metal twins bind exactly the WGSL twin's layout (checked by a test against
+        // naga's reflection of the WGSL) and index only inside host-validated shapes.
+        self.scoped(label, || unsafe { self.device.create_shader_module_passthrough(desc) })
+    }
+
     /// Blocks until all submitted work is done.
     pub(crate) fn wait(&self) -> Result<()> {
         self.device

@@ -5,7 +5,7 @@ use crate::device::{Gpu, GpuOptions};
 use crate::error::Result;
 use crate::graph::{PassGraph, PassTime, Pool};
 use crate::kernels::recurrent::Tiles;
-use crate::kernels::KernelCache;
+use crate::kernels::{Accum, KernelCache};
 use crate::problem::DType;
 use crate::tensor::{HostTensor, Tensor};
 use std::sync::Mutex;
@@ -23,6 +23,11 @@ pub struct Settings {
     /// Scratch bytes the chunked forward may hold for one window of chunks; longer inputs are
     /// walked window by window. `None`: [`crate::kernels::chunked::DEFAULT_WINDOW_BYTES`].
     pub chunk_window_bytes: Option<u64>,
+    /// Force the backward's accumulation variant (tests and tuning). `None`: deterministic when
+    /// `Options::deterministic`, else float atomics when granted, else the compare-and-swap loop.
+    pub accum: Option<Accum>,
+    /// Tokens between the forward's saved states for the backward (`None`: 64).
+    pub checkpoint_every: Option<usize>,
 }
 
 /// A device with compiled kernels and reusable scratch memory. Create one and reuse it.

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 enum Step {
     Pass { label: &'static str, pipeline: wgpu::ComputePipeline, bind_group: wgpu::BindGroup, grid: [u32; 3] },
     Copy { src: wgpu::Buffer, src_off: u64, dst: wgpu::Buffer, dst_off: u64, size: u64 },
+    Clear { buffer: wgpu::Buffer, size: u64 },
 }
 
 /// A buffer taken from the [`Pool`]; returned to it when the graph that holds it is submitted.
@@ -149,6 +150,13 @@ impl<'a> PassGraph<'a> {
         }
     }
 
+    /// Records zero-filling the first `size` bytes of a buffer (a multiple of 4).
+    pub fn clear(&mut self, buffer: &wgpu::Buffer, size: u64) {
+        if size > 0 {
+            self.steps.push(Step::Clear { buffer: buffer.clone(), size });
+        }
+    }
+
     /// Number of compute passes recorded.
     pub fn passes(&self) -> usize {
         self.steps.iter().filter(|s| matches!(s, Step::Pass { .. })).count()
@@ -208,6 +216,7 @@ impl<'a> PassGraph<'a> {
                     Step::Copy { src, src_off, dst, dst_off, size } => {
                         enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *size);
                     }
+                    Step::Clear { buffer, size } => enc.clear_buffer(buffer, 0, Some(*size)),
                 }
             }
             if let Some((qs, resolve, _)) = &queries {

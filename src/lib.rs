@@ -47,6 +47,8 @@ pub mod tensor;
 pub use device::{Caps, Gpu, GpuOptions};
 pub use engine::{Engine, Settings};
 pub use error::{Error, Result};
+pub use kernels::Accum;
+pub use ops::backward::{Grads, Saved};
 pub use ops::{Inputs, Outputs};
 pub use problem::{Algorithm, DType, Dims, GateKind, GateSpace, Options, Problem, StateLayout};
 pub use rng::Rng;

@@ -3,8 +3,10 @@
 //! MSL and SPIR-V. No GPU needed: this is what keeps the Metal path honest on a Linux machine.
 use std::collections::BTreeMap;
 use wgdelta::device::Caps;
+use wgdelta::kernels::backward::{reduce_partials_key, BackwardSpec};
+use wgdelta::kernels::chunked::ChunkSpec;
 use wgdelta::kernels::recurrent::{RecurrentSpec, StateSrc, Tiles};
-use wgdelta::kernels::{assemble, Kernel, PipelineKey, Reduce};
+use wgdelta::kernels::{assemble, Accum, Kernel, PipelineKey, Reduce};
 use wgdelta::problem::{InputsMeta, TensorMeta};
 use wgdelta::{DType, GateKind, GateSpace, Options, Problem, StateLayout};
 
@@ -34,7 +36,8 @@ fn caps(subgroup: bool) -> Caps {
 /// Capabilities every kernel may assume. `unpack2x16float` (the f16 loader in `wgsl/prelude.wgsl`)
 /// needs SHADER_FLOAT16_IN_FLOAT32, i.e. wgpu's `DownlevelFlags::SHADER_F16_IN_F32`, which Vulkan on
 /// Mesa lacks when the device has no `shaderFloat16` (see the issue-2 report).
-const BASE: Capabilities = Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+/// What every kernel may assume: nothing optional (f16 is decoded with integer operations).
+const BASE: Capabilities = Capabilities::empty();
 
 fn validator(caps: Capabilities) -> Validator {
     let mut v = Validator::new(ValidationFlags::all(), caps);
@@ -85,8 +88,57 @@ fn problem(
 
 /// Real pipeline keys of `kernel` in variant `reduce`, over head dims, dtypes, gates, conventions,
 /// masks and state sources (what `ops::recurrent` would build), with a label each.
-fn keys(kernel: Kernel, reduce: Reduce) -> Vec<(String, PipelineKey)> {
-    assert_eq!(kernel, Kernel::RecurrentFwd, "add the new kernel's keys here");
+/// Representative specialisations of every kernel in one source variant.
+fn keys(kernel: Kernel, reduce: Reduce, accum: Option<Accum>) -> Vec<(String, PipelineKey)> {
+    match kernel {
+        Kernel::RecurrentFwd => recurrent_keys(reduce),
+        Kernel::RecurrentBwd => backward_keys(reduce, accum.expect("the backward accumulates")),
+        Kernel::ReducePartials => vec![("reduce_partials".into(), reduce_partials_key())],
+        k if k.chunked() => chunked_keys(k),
+        k => panic!("add {k:?}'s keys here"),
+    }
+}
+
+fn chunked_keys(kernel: Kernel) -> Vec<(String, PipelineKey)> {
+    let mut out = Vec::new();
+    for (i, (k, v)) in [(16, 16), (64, 32), (128, 128), (256, 256)].into_iter().enumerate() {
+        for chunk in [16, 32, 64] {
+            let opts = if i % 2 == 0 { Options::default() } else { Options::mlx() };
+            let dt = [DType::F32, DType::F16, DType::BF16][(i + chunk as usize / 16) % 3];
+            let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
+            let spec = ChunkSpec::choose(chunk, k, v);
+            out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
+        }
+    }
+    out
+}
+
+fn backward_keys(reduce: Reduce, accum: Accum) -> Vec<(String, PipelineKey)> {
+    let c = caps(reduce == Reduce::Subgroup);
+    let mut out = Vec::new();
+    for (i, (k, v)) in [(16, 16), (64, 32), (128, 128), (256, 64)].into_iter().enumerate() {
+        let opts = if i % 2 == 0 { Options::default() } else { Options::mlx() };
+        let gate = if i % 3 == 0 { GateKind::PerKey } else { GateKind::Scalar };
+        let p = problem(2, 4, k, v, DType::BF16, gate, opts, i == 1, i != 2, i == 3);
+        let mut tiles = Tiles::choose(k, v, 4096, &c).for_backward(k);
+        tiles.reduce = reduce;
+        if reduce == Reduce::Subgroup && tiles.kt > c.subgroup_min {
+            continue;
+        }
+        let spec = BackwardSpec {
+            tiles,
+            accum,
+            every: 64,
+            do_dtype: DType::F32,
+            dht: (i % 2 == 0).then_some(DType::F32),
+            dh0: i != 2,
+        };
+        out.push((format!("K={k} V={v} {gate:?} {accum:?} {tiles:?}"), spec.key(&p)));
+    }
+    out
+}
+
+fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
     let c = caps(reduce == Reduce::Subgroup);
     let dts = [DType::F32, DType::F16, DType::BF16];
     let srcs = [
@@ -115,7 +167,13 @@ fn keys(kernel: Kernel, reduce: Reduce) -> Vec<(String, PipelineKey)> {
             let tiles = Tiles::choose(k, v, max_len, &c);
             assert_eq!(tiles.reduce, reduce, "K={k}: Tiles::choose on {c:?} picked {:?}", tiles.reduce);
             assert!(tiles.valid(k, v, &c), "chosen tiles {tiles:?} invalid for K={k} V={v}");
-            let spec = RecurrentSpec { tiles, state_src: src, store_state: store, use_slots: slots };
+            let spec = RecurrentSpec {
+                tiles,
+                state_src: src,
+                store_state: store,
+                use_slots: slots,
+                checkpoint: if n % 3 == 1 { 64 } else { 0 },
+            };
             let label = format!(
                 "K={k} V={v} {dt} {:?} {:?}/{:?} H={h} HV={hv} {src:?} store={store} slots={slots} varlen={varlen} len={max_len} KT={} KR={} BV={}",
                 gate, opts.gate_space, opts.state_layout, tiles.kt, tiles.kr, tiles.bv
@@ -126,18 +184,35 @@ fn keys(kernel: Kernel, reduce: Reduce) -> Vec<(String, PipelineKey)> {
     // Extreme forced tilings too: one column per workgroup, and KT beyond K.
     let p = problem(1, 1, 32, 32, DType::F32, GateKind::Scalar, Options::default(), false, false, false);
     for tiles in [Tiles { kt: 2, kr: 16, bv: 1, reduce }, Tiles { kt: 32, kr: 1, bv: 8, reduce }] {
-        let spec = RecurrentSpec { tiles, state_src: StateSrc::Zeros, store_state: true, use_slots: false };
+        let spec =
+            RecurrentSpec { tiles, state_src: StateSrc::Zeros, store_state: true, use_slots: false, checkpoint: 0 };
         out.push((format!("forced {tiles:?}"), spec.key(&p)));
     }
     out
 }
 
-fn variants(kernel: Kernel) -> Vec<Reduce> {
-    if kernel.reduces() {
-        vec![Reduce::Subgroup, Reduce::Workgroup]
+/// The source variants of a kernel: reduction x accumulation.
+fn variants(kernel: Kernel) -> Vec<(Reduce, Option<Accum>)> {
+    let reduces = if kernel.reduces() { vec![Reduce::Subgroup, Reduce::Workgroup] } else { vec![Reduce::Workgroup] };
+    let accums: Vec<Option<Accum>> = if kernel.accumulates() {
+        vec![Some(Accum::F32Atomic), Some(Accum::CasLoop), Some(Accum::Deterministic)]
     } else {
-        vec![Reduce::Workgroup]
+        vec![None]
+    };
+    reduces.iter().flat_map(|&r| accums.iter().map(move |&a| (r, a))).collect()
+}
+
+/// Optional naga capabilities a variant may need: subgroups for the subgroup reduction, float
+/// atomics for the atomic accumulation; nothing else.
+fn needs(reduce: Reduce, accum: Option<Accum>) -> Capabilities {
+    let mut c = BASE;
+    if reduce == Reduce::Subgroup {
+        c |= Capabilities::SUBGROUP;
     }
+    if accum == Some(Accum::F32Atomic) {
+        c |= Capabilities::SHADER_FLOAT32_ATOMIC;
+    }
+    c
 }
 
 /// Parse, validate, specialise and translate every kernel variant to MSL and SPIR-V.
@@ -145,9 +220,9 @@ fn variants(kernel: Kernel) -> Vec<Reduce> {
 fn every_kernel_to_msl_and_spirv() {
     let mut failures = Vec::new();
     for kernel in Kernel::ALL {
-        for reduce in variants(kernel) {
-            let src = assemble(kernel, reduce);
-            let name = format!("{} ({reduce:?})", kernel.label());
+        for (reduce, accum) in variants(kernel) {
+            let src = assemble(kernel, reduce, accum);
+            let name = format!("{} ({reduce:?}, {accum:?})", kernel.label());
             let module = match naga::front::wgsl::parse_str(&src) {
                 Ok(m) => m,
                 Err(e) => panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(&src)),
@@ -156,28 +231,21 @@ fn every_kernel_to_msl_and_spirv() {
                 Ok(i) => i,
                 Err(e) => panic!("{name}: validation error:\n{}", e.emit_to_string(&src)),
             };
-            // The portable variant needs no optional capability beyond BASE; the subgroup one adds
-            // SUBGROUP only.
-            let bare = validator(BASE).validate(&module);
-            match reduce {
-                Reduce::Workgroup => {
-                    if let Err(e) = bare {
-                        panic!("{name}: needs an optional capability beyond {BASE:?}:\n{}", e.emit_to_string(&src));
-                    }
-                }
-                Reduce::Subgroup => {
-                    assert!(bare.is_err(), "{name}: the subgroup variant validated without SUBGROUP");
-                    validator(BASE | Capabilities::SUBGROUP)
-                        .validate(&module)
-                        .unwrap_or_else(|e| panic!("{name}: needs more than SUBGROUP:\n{}", e.emit_to_string(&src)));
-                }
+            // Each variant needs exactly its own optional capability (subgroups, float atomics) and
+            // nothing else; the portable variants need none.
+            let need = needs(reduce, accum);
+            if let Err(e) = validator(need).validate(&module) {
+                panic!("{name}: needs more than {need:?}:\n{}", e.emit_to_string(&src));
+            }
+            if need != BASE {
+                assert!(validator(BASE).validate(&module).is_err(), "{name}: validated without {need:?}");
             }
             let strict = validator(Capabilities::empty()).validate(&module).is_ok();
             println!("{name}: validates with no optional capability at all: {strict}");
             let overrides: Vec<String> = module.overrides.iter().filter_map(|(_, o)| o.name.clone()).collect();
             println!("{name}: {} bytes of WGSL, overrides {overrides:?}", src.len());
 
-            let keys = keys(kernel, reduce);
+            let keys = keys(kernel, reduce, accum);
             let mut sizes: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
             for (label, key) in &keys {
                 assert_eq!(key.kernel, kernel);
@@ -275,11 +343,11 @@ fn every_kernel_to_msl_and_spirv() {
 #[test]
 fn keys_match_declared_overrides() {
     for kernel in Kernel::ALL {
-        for reduce in variants(kernel) {
-            let module = naga::front::wgsl::parse_str(&assemble(kernel, reduce)).expect("parses");
+        for (reduce, accum) in variants(kernel) {
+            let module = naga::front::wgsl::parse_str(&assemble(kernel, reduce, accum)).expect("parses");
             let declared: Vec<(String, bool)> =
                 module.overrides.iter().filter_map(|(_, o)| o.name.clone().map(|n| (n, o.init.is_some()))).collect();
-            for (label, key) in keys(kernel, reduce) {
+            for (label, key) in keys(kernel, reduce, accum) {
                 for &(n, _) in &key.constants {
                     assert!(
                         declared.iter().any(|(d, _)| d == n),

@@ -13,6 +13,22 @@ fn word_of(dt: u32, i: u32) -> u32 {
     return select(i >> 1u, i, dt == DT_F32);
 }
 
+// IEEE half -> f32 by bit operations: unpack2x16float needs a capability (SHADER_F16_IN_F32) that
+// some Vulkan drivers lack, and this keeps every kernel free of optional features.
+fn half_to_f32(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if (e == 0u) {
+        // Zero and subnormals: m * 2^-24.
+        return bitcast<f32>(sign | bitcast<u32>(f32(m) * 5.9604645e-8));
+    }
+    if (e == 31u) {
+        return bitcast<f32>(sign | 0x7f800000u | (m << 13u));
+    }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
+}
+
 // Element i, given the word that holds it.
 fn decode(dt: u32, w: u32, i: u32) -> f32 {
     if (dt == DT_F32) {
@@ -20,7 +36,7 @@ fn decode(dt: u32, w: u32, i: u32) -> f32 {
     }
     let h = select(w & 0xffffu, w >> 16u, (i & 1u) == 1u);
     if (dt == DT_F16) {
-        return unpack2x16float(h).x;
+        return half_to_f32(h);
     }
     return bitcast<f32>(h << 16u);
 }

@@ -11,6 +11,8 @@
 // Shapes (rows r = b*T + t of the flattened token axis; sequence n = rows seq[n] .. seq[n+1]):
 //   q, k [rows, H, K]   v [rows, HV, V]   g [rows, HV] or [rows, HV, K]   beta [rows, HV]
 //   o [rows, HV, V] (f32)   state [slots, HV, K, V] (kv) or [slots, HV, V, K] (vk), f32
+//   ckpt [N, HV, NB, K, V] (f32, always kv order): with CHECKPOINT = C > 0, the state before row
+//   seq[n] + b*C of each sequence (b < NB = ceil(max_len / C)), for the backward's replay.
 // Value head hv reads key head hv / GROUP.
 //
 // Long sequences are split by the host into segments of at most seg_len tokens, one dispatch each;
@@ -31,6 +33,10 @@ struct Params {
     t: u32,           // tokens per batch row (sequence bounds when not VARLEN)
     seg_start: u32,   // this dispatch runs tokens seg_start .. seg_start + seg_len of each sequence
     seg_len: u32,
+    ck_blocks: u32,   // NB: checkpoint blocks per (sequence, head) (when CHECKPOINT > 0)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -44,6 +50,7 @@ struct Params {
 @group(0) @binding(7) var<storage, read> h0: array<f32>;
 @group(0) @binding(8) var<storage, read_write> o: array<f32>;
 @group(0) @binding(9) var<storage, read_write> state: array<f32>;
+@group(0) @binding(10) var<storage, read_write> ckpt: array<f32>;
 
 override H: u32;
 override HV: u32;
@@ -69,6 +76,8 @@ override USE_SLOTS: bool = false;
 // Sequence bounds come from `info` (cu_seqlens); otherwise sequence n is rows n*T .. n*T+T, known
 // without a dependent memory read (it matters for decode latency).
 override VARLEN: bool = false;
+// Save the state every CHECKPOINT tokens of each sequence into `ckpt` (0: off).
+override CHECKPOINT: u32 = 0u;
 
 const MAX_KR: u32 = 16u;
 const TILE_MAX: u32 = 4096u;  // K * BV <= 4096 (host-checked)
@@ -117,6 +126,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     // Long sequences run as several dispatches (segments) carrying the state in place, so no
     // dispatch outlives a driver's loop or watchdog limit.
+    let seq_lo = bounds.x;
     bounds.x = min(bounds.x + P.seg_start, bounds.y);
     bounds.y = min(bounds.x + P.seg_len, bounds.y);
     var slot = n;
@@ -149,6 +159,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var row = bounds.x; row < bounds.y; row++) {
         let kq_base = (row * H + hk) * K;
         let hrow = row * HV + hv;
+        // (max(.., 1u): naga rejects an integer division by a constant zero even in dead code.)
+        let every = max(CHECKPOINT, 1u);
+        if (CHECKPOINT > 0u && (row - seq_lo) % every == 0u) {
+            let cbase = ((n * HV + hv) * P.ck_blocks + (row - seq_lo) / every) * K * V;
+            for (var m = 0u; m < KR; m++) {
+                let i = r + KT * m;
+                if (i < K) {
+                    ckpt[cbase + i * V + j] = s[m];
+                }
+            }
+        }
         var live = true;
         if (HAS_MASK) {
             live = byte_of(info[P.mask_off + row / 4u], row) != 0u;

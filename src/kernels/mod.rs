@@ -1,12 +1,18 @@
 //! Kernels: the WGSL sources, the typed specialisations that become override constants, and the
 //! pipeline cache keyed by them.
 //!
-//! One templating mechanism only: a module is `prelude + one reduction variant + the pass's file`
-//! (the chunked passes take `chunk_common.wgsl` in place of a reduction variant).
-//! The reduction variant is chosen by source because subgroup builtins fail validation on a device
-//! without subgroups even in dead code, which an override cannot switch off. Everything else (dims,
-//! dtypes, flags, tile sizes) is a WGSL `override` constant.
+//! One templating mechanism only: a module is `prelude + one reduction variant + one accumulation
+//! variant + the pass's file`, each part a whole file (the chunked passes take `chunk_common.wgsl`,
+//! their shared parameters and chunk table, instead). The reduction variant is chosen by source
+//! because subgroup builtins fail validation on a device without subgroups even in dead code, which
+//! an override cannot switch off; the accumulation variant because atomics change a binding's type.
+//! Everything else (dims, dtypes, flags, tile sizes) is a WGSL `override` constant.
+//!
+//! A kernel may have a hand-written Metal twin in `msl_overrides/` ([`Kernel::msl_override`]), used
+//! through wgpu's passthrough shaders on Metal; its constants come from the same [`PipelineKey`]
+//! ([`msl_constants`]), and a test checks that its bindings match the WGSL twin's.
 
+pub mod backward;
 pub mod chunked;
 pub mod recurrent;
 
@@ -27,6 +33,13 @@ pub mod src {
     pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
+    pub const RECURRENT_BWD: &str = include_str!("../../wgsl/recurrent_bwd.wgsl");
+    pub const REDUCE_PARTIALS: &str = include_str!("../../wgsl/reduce_partials.wgsl");
+    pub const ACCUM_F32_ATOMIC: &str = include_str!("../../wgsl/accum_f32_atomic.wgsl");
+    pub const ACCUM_CAS: &str = include_str!("../../wgsl/accum_cas.wgsl");
+    pub const ACCUM_PARTIALS: &str = include_str!("../../wgsl/accum_partials.wgsl");
+    /// Metal twin of `RECURRENT_BWD` with the `ACCUM_F32_ATOMIC` variant.
+    pub const RECURRENT_BWD_MSL: &str = include_str!("../../msl_overrides/recurrent_bwd.metal");
 }
 
 /// Every compute pass wgdelta has, one per WGSL file.
@@ -43,6 +56,8 @@ pub enum Kernel {
     ChunkState,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
+    RecurrentBwd,
+    ReducePartials,
 }
 
 /// How the threads sharing a state column reduce: subgroup shuffles or workgroup memory.
@@ -50,6 +65,19 @@ pub enum Kernel {
 pub enum Reduce {
     Subgroup,
     Workgroup,
+}
+
+/// How a backward kernel adds up gradients that several workgroups contribute to (dq, dk over the
+/// V tiles and the value heads of a key head; dg, dbeta over the V tiles). Every variant first sums
+/// over the workgroup's own columns in workgroup memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Accum {
+    /// WGSL `atomic<f32>` adds (needs `SHADER_FLOAT32_ATOMIC`).
+    F32Atomic,
+    /// A compare-and-swap loop on `atomic<u32>` words: needs nothing.
+    CasLoop,
+    /// No atomics: per-slice partials, then a fixed-order reduction pass. Bitwise repeatable.
+    Deterministic,
 }
 
 /// How a kernel's resources are bound, in binding order (group 0).
@@ -62,8 +90,10 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::RecurrentFwd,
+        Kernel::RecurrentBwd,
+        Kernel::ReducePartials,
         Kernel::ChunkCumsum,
         Kernel::ChunkKktSolve,
         Kernel::ChunkWu,
@@ -80,6 +110,8 @@ impl Kernel {
             Kernel::ChunkWu => "wgdelta.chunk.wu",
             Kernel::ChunkState => "wgdelta.chunk.state",
             Kernel::ChunkOutput => "wgdelta.chunk.output",
+            Kernel::RecurrentBwd => "wgdelta.recurrent.bwd",
+            Kernel::ReducePartials => "wgdelta.reduce_partials",
         }
     }
     /// The pass's own WGSL file.
@@ -91,13 +123,23 @@ impl Kernel {
             Kernel::ChunkWu => src::CHUNK_WU,
             Kernel::ChunkState => src::CHUNK_STATE,
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
+            Kernel::RecurrentBwd => src::RECURRENT_BWD,
+            Kernel::ReducePartials => src::REDUCE_PARTIALS,
         }
     }
     /// Binding layout, in order.
     pub fn slots(self) -> &'static [Slot] {
         use Slot::*;
         match self {
-            Kernel::RecurrentFwd => &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            // u, q, k, v, g, beta, info, h0 | o, state, ckpt
+            Kernel::RecurrentFwd => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
+            }
+            // u, q, k, v, g, beta, info, do, dht, ckpt | dv, work, acc
+            Kernel::RecurrentBwd => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
+            }
+            Kernel::ReducePartials => &[Uniform, Read, ReadWrite],
             // Chunked passes: params, chunk table, then the pass's own buffers (see its WGSL).
             Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
@@ -108,7 +150,19 @@ impl Kernel {
     }
     /// Whether the kernel contains a KT-wide column reduction (and so takes a [`Reduce`] variant).
     pub fn reduces(self) -> bool {
-        matches!(self, Kernel::RecurrentFwd)
+        matches!(self, Kernel::RecurrentFwd | Kernel::RecurrentBwd)
+    }
+    /// Whether the kernel accumulates across workgroups (and so takes an [`Accum`] variant).
+    pub fn accumulates(self) -> bool {
+        matches!(self, Kernel::RecurrentBwd)
+    }
+    /// The hand-written Metal twin of this kernel, if any: (MSL source, entry point). It implements
+    /// the [`Accum::F32Atomic`] variant only.
+    pub fn msl_override(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Kernel::RecurrentBwd => Some((src::RECURRENT_BWD_MSL, "wgdelta_recurrent_bwd")),
+            _ => None,
+        }
     }
     /// Whether the kernel is one of the chunked passes (assembled with `chunk_common.wgsl`).
     pub fn chunked(self) -> bool {
@@ -119,8 +173,9 @@ impl Kernel {
     }
 }
 
-/// Assembles the full WGSL module of `kernel` with the given reduction variant.
-pub fn assemble(kernel: Kernel, reduce: Reduce) -> String {
+/// Assembles the full WGSL module of `kernel` with the given reduction and accumulation variants
+/// (each ignored by kernels that do not take it; an accumulating kernel defaults to [`Accum::CasLoop`]).
+pub fn assemble(kernel: Kernel, reduce: Reduce, accum: Option<Accum>) -> String {
     let mut s = String::from(src::PRELUDE);
     if kernel.reduces() {
         s.push_str(match reduce {
@@ -131,8 +186,31 @@ pub fn assemble(kernel: Kernel, reduce: Reduce) -> String {
     if kernel.chunked() {
         s.push_str(src::CHUNK_COMMON);
     }
+    if kernel.accumulates() {
+        s.push_str(match accum.unwrap_or(Accum::CasLoop) {
+            Accum::F32Atomic => src::ACCUM_F32_ATOMIC,
+            Accum::CasLoop => src::ACCUM_CAS,
+            Accum::Deterministic => src::ACCUM_PARTIALS,
+        });
+    }
     s.push_str(kernel.body());
     s
+}
+
+/// The Metal twin's constants: one `constant constexpr uint NAME = value;` line per override
+/// constant of `key` (booleans as 0/1), prepended to the `.metal` source. The MSL derives the
+/// defaulted overrides (GROUP, WG) itself, as the WGSL does.
+pub fn msl_constants(key: &PipelineKey) -> String {
+    key.constants_f64().iter().map(|(n, v)| format!("constant constexpr uint {n} = {}u;\n", *v as u64)).collect()
+}
+
+/// Whether `key` runs through the Metal twin on `gpu`: Metal backend, passthrough granted, the
+/// kernel has a twin and the key asks for its accumulation variant.
+pub fn uses_msl(gpu: &Gpu, key: &PipelineKey) -> bool {
+    gpu.info.backend == wgpu::Backend::Metal
+        && gpu.caps.passthrough
+        && key.accum == Some(Accum::F32Atomic)
+        && key.kernel.msl_override().is_some()
 }
 
 /// A fully specialised pipeline: kernel, source variant and override constants (sorted by name).
@@ -140,6 +218,8 @@ pub fn assemble(kernel: Kernel, reduce: Reduce) -> String {
 pub struct PipelineKey {
     pub kernel: Kernel,
     pub reduce: Reduce,
+    /// Accumulation variant (kernels that accumulate only).
+    pub accum: Option<Accum>,
     /// (name, value bits as f64) — f64 because that is how wgpu takes override values.
     pub constants: Vec<(&'static str, u64)>,
 }
@@ -147,17 +227,30 @@ pub struct PipelineKey {
 impl PipelineKey {
     pub fn new(kernel: Kernel, reduce: Reduce, mut constants: Vec<(&'static str, f64)>) -> Self {
         constants.sort_by(|a, b| a.0.cmp(b.0));
-        PipelineKey { kernel, reduce, constants: constants.into_iter().map(|(n, v)| (n, v.to_bits())).collect() }
+        PipelineKey {
+            kernel,
+            reduce,
+            accum: None,
+            constants: constants.into_iter().map(|(n, v)| (n, v.to_bits())).collect(),
+        }
     }
-    fn constants_f64(&self) -> Vec<(&'static str, f64)> {
+    /// The same key with accumulation variant `accum`.
+    pub fn with_accum(mut self, accum: Accum) -> Self {
+        self.accum = Some(accum);
+        self
+    }
+    pub fn constants_f64(&self) -> Vec<(&'static str, f64)> {
         self.constants.iter().map(|&(n, b)| (n, f64::from_bits(b))).collect()
     }
 }
 
+/// One WGSL module per source variant.
+type ModuleKey = (Kernel, Reduce, Option<Accum>);
+
 /// Caches shader modules, bind group layouts and pipelines, so each specialisation compiles once.
 #[derive(Default)]
 pub struct KernelCache {
-    modules: Mutex<HashMap<(Kernel, Reduce), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
     layouts: Mutex<HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
@@ -224,26 +317,37 @@ impl KernelCache {
         if key.reduce == Reduce::Subgroup && key.kernel.reduces() && !gpu.caps.subgroup {
             return Err(Error::MissingFeature(format!("SUBGROUP (for {})", key.kernel.label())));
         }
-        let module = {
+        if key.accum == Some(Accum::F32Atomic) && !gpu.caps.f32_atomic {
+            return Err(Error::MissingFeature(format!("SHADER_FLOAT32_ATOMIC (for {})", key.kernel.label())));
+        }
+        let (_, layout) = self.layouts(gpu, key.kernel)?;
+        let label = key.kernel.label();
+        let msl = uses_msl(gpu, key);
+        let (module, entry, constants) = if let (true, Some((source, entry))) = (msl, key.kernel.msl_override()) {
+            // The Metal twin: constants are compiled in, so one module per key.
+            let wg: u32 =
+                key.constants_f64().iter().filter(|(n, _)| *n == "KT" || *n == "BV").map(|(_, v)| *v as u32).product();
+            let m = gpu.msl_module(label, &(msl_constants(key) + source), entry, wg)?;
+            (m, entry, Vec::new())
+        } else {
+            let vkey = (key.kernel, key.reduce, key.accum);
             let mut mods = self.modules.lock().map_err(|_| poisoned())?;
-            match mods.get(&(key.kernel, key.reduce)) {
+            let m = match mods.get(&vkey) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = gpu.shader_module(key.kernel.label(), &assemble(key.kernel, key.reduce))?;
-                    mods.insert((key.kernel, key.reduce), m.clone());
+                    let m = gpu.shader_module(label, &assemble(key.kernel, key.reduce, key.accum))?;
+                    mods.insert(vkey, m.clone());
                     m
                 }
-            }
+            };
+            (m, "main", key.constants_f64())
         };
-        let (_, layout) = self.layouts(gpu, key.kernel)?;
-        let constants = key.constants_f64();
-        let label = key.kernel.label();
         let p = gpu.scoped(label, || {
             gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(label),
                 layout: Some(&layout),
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants: &constants,
                     zero_initialize_workgroup_memory: false,

@@ -53,6 +53,16 @@ impl Tiles {
         Tiles { kt, kr, bv, reduce }
     }
 
+    /// The backward's tiling from this one: the same threads per column, with BV halved until the
+    /// workgroup's per-row reduction buffer (`K * BV <= ROWS_MAX` in `wgsl/recurrent_bwd.wgsl`) fits.
+    pub fn for_backward(self, k: usize) -> Tiles {
+        let mut t = self;
+        while t.bv > 1 && k as u32 * t.bv > super::backward::ROWS_MAX {
+            t.bv /= 2;
+        }
+        t
+    }
+
     /// Whether this tiling is valid for `k`, `v` (used to vet user overrides).
     pub fn valid(&self, k: usize, v: usize, caps: &Caps) -> bool {
         let (k, v) = (k as u32, v as u32);
@@ -76,6 +86,8 @@ pub struct RecurrentSpec {
     pub state_src: StateSrc,
     pub store_state: bool,
     pub use_slots: bool,
+    /// Save the state every this many tokens into the checkpoint binding (0: off).
+    pub checkpoint: u32,
 }
 
 impl RecurrentSpec {
@@ -106,6 +118,7 @@ impl RecurrentSpec {
                 ("STORE_STATE", b(self.store_state)),
                 ("USE_SLOTS", b(self.use_slots)),
                 ("VARLEN", b(p.seqs.varlen)),
+                ("CHECKPOINT", self.checkpoint as f64),
             ],
         )
     }
@@ -123,4 +136,7 @@ pub struct Params {
     pub t: u32,
     pub seg_start: u32,
     pub seg_len: u32,
+    /// Checkpoint blocks per (sequence, head) in the checkpoint binding.
+    pub ck_blocks: u32,
+    pub _pad: [u32; 3],
 }

@@ -59,8 +59,14 @@ impl Engine {
         }
         let o = self.output("o", &[d.b, d.t, d.hv, d.v])?;
         let mut graph = self.graph();
-        let io =
-            StateIo { src: StateSrc::InPlace, h0: None, state: Some(&pool.buffer), store: true, slots: Some(&idx) };
+        let io = StateIo {
+            src: StateSrc::InPlace,
+            h0: None,
+            state: Some(&pool.buffer),
+            store: true,
+            slots: Some(&idx),
+            ckpt: None,
+        };
         record(self, &mut graph, &p, x, &o, io)?;
         self.submit(graph)?;
         Ok(o)

@@ -1,8 +1,9 @@
 //! Operations on the engine: the public entry points, validation first, then the plan (which
 //! algorithm), then the passes. `forward` chooses between algorithms; nothing is rebound at run time.
 
-pub mod cost;
+pub mod backward;
 pub mod chunked;
+pub mod cost;
 pub mod decode;
 pub mod recurrent;
 

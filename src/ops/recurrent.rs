@@ -17,6 +17,8 @@ pub(crate) struct StateIo<'a> {
     pub store: bool,
     /// Slot of each sequence in the state buffer (decode against a pool).
     pub slots: Option<&'a [u32]>,
+    /// Checkpoints for the backward: (buffer `[N, HV, NB, K, V]`, interval C, NB).
+    pub ckpt: Option<(&'a wgpu::Buffer, u32, u32)>,
 }
 
 impl Engine {
@@ -35,6 +37,30 @@ impl Engine {
     }
 }
 
+/// Records the `info` table the recurrent kernels read: seq offsets [N+1] | `slots` | mask bytes
+/// (copied on the device from the mask tensor). Returns the buffer, the slots offset and the mask
+/// offset, in words.
+pub(crate) fn record_info(
+    graph: &mut PassGraph,
+    p: &Problem,
+    mask: Option<&Tensor>,
+    slots: Option<&[u32]>,
+) -> Result<(wgpu::Buffer, u32, u32)> {
+    let mut words: Vec<u32> = p.seqs.offsets.clone();
+    let slots_off = words.len() as u32;
+    if let Some(s) = slots {
+        words.extend_from_slice(s);
+    }
+    let mask_off = words.len() as u32;
+    let mask_bytes = mask.map(|m| padded(m.byte_len())).unwrap_or(0);
+    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
+    let meta = graph.scratch_with("wgdelta.meta", bytemuck::cast_slice(&words), wgpu::BufferUsages::STORAGE)?;
+    if let Some(m) = mask {
+        graph.copy(&m.buffer, 0, &meta, mask_off as u64 * 4, mask_bytes);
+    }
+    Ok((meta, slots_off, mask_off))
+}
+
 /// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
 pub(crate) fn record(
     eng: &Engine,
@@ -47,20 +73,7 @@ pub(crate) fn record(
     let tiles = eng.recurrent_tiles(p)?;
     let d = &p.dims;
     let n = p.n_seqs();
-
-    // meta = seq offsets [N+1] | slots [N] | mask bytes (copied on the device from the mask tensor).
-    let mut words: Vec<u32> = p.seqs.offsets.clone();
-    let slots_off = words.len() as u32;
-    if let Some(s) = io.slots {
-        words.extend_from_slice(s);
-    }
-    let mask_off = words.len() as u32;
-    let mask_bytes = x.mask.map(|m| padded(m.byte_len())).unwrap_or(0);
-    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
-    let meta = graph.scratch_with("wgdelta.meta", bytemuck::cast_slice(&words), wgpu::BufferUsages::STORAGE)?;
-    if let Some(m) = x.mask {
-        graph.copy(&m.buffer, 0, &meta, mask_off as u64 * 4, mask_bytes);
-    }
+    let (meta, slots_off, mask_off) = record_info(graph, p, x.mask, io.slots)?;
 
     let max = eng.gpu.caps.max_workgroups_per_dim;
     let tiles_x = (d.v as u32 / tiles.bv) * d.hv as u32;
@@ -79,6 +92,7 @@ pub(crate) fn record(
         None => eng.dummy_write.clone(),
     };
     let h0 = io.h0.unwrap_or(&eng.dummy_read);
+    let (ckpt, every, ck_blocks) = io.ckpt.unwrap_or((&eng.dummy_write, 0, 0));
     for s in 0..n_seg {
         let last = s + 1 == n_seg;
         let params = Params {
@@ -90,6 +104,8 @@ pub(crate) fn record(
             t: d.t as u32,
             seg_start: (s * seg) as u32,
             seg_len: seg as u32,
+            ck_blocks,
+            _pad: [0; 3],
         };
         let ubuf = graph.scratch_with("wgdelta.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
         let spec = RecurrentSpec {
@@ -97,10 +113,23 @@ pub(crate) fn record(
             state_src: if s == 0 { io.src } else { StateSrc::InPlace },
             store_state: if last { io.store } else { true },
             use_slots: io.slots.is_some(),
+            checkpoint: every,
         };
         graph.dispatch(
             &spec.key(p),
-            &[&ubuf, &x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer, &x.beta.buffer, &meta, h0, &o.buffer, &carry],
+            &[
+                &ubuf,
+                &x.q.buffer,
+                &x.k.buffer,
+                &x.v.buffer,
+                &x.g.buffer,
+                &x.beta.buffer,
+                &meta,
+                h0,
+                &o.buffer,
+                &carry,
+                ckpt,
+            ],
             [tiles_x, gy, gz],
         )?;
     }
@@ -119,6 +148,7 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs) -> Result<Outputs> 
         state: ht.as_ref().map(|t| &t.buffer),
         store: ht.is_some(),
         slots: None,
+        ckpt: None,
     };
     record(eng, &mut graph, p, x, &o, io)?;
     eng.submit(graph)?;

@@ -1,0 +1,387 @@
+//! Recurrent backward on the GPU against the float64 reference: every gradient over the option
+//! matrix, the three accumulation mechanisms, deterministic repeatability, and saved-state size.
+mod common;
+use common::*;
+use std::sync::OnceLock;
+use wgdelta::reference::{self, RefInputs};
+use wgdelta::*;
+
+/// An engine whose backward uses `accum`, with checkpoints every `every` tokens (`None`: default).
+fn engine_with(accum: Accum, every: Option<usize>, no_subgroups: bool) -> Engine {
+    let gpu = Gpu::with_options(&GpuOptions {
+        shader_checks: Some(true),
+        disable_features: if no_subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
+        ..Default::default()
+    })
+    .expect("a GPU adapter");
+    Engine::with_settings(
+        gpu,
+        Settings {
+            poison_outputs: Some(true),
+            accum: Some(accum),
+            checkpoint_every: every,
+            // Per-pass labels, to see which passes ran.
+            profile: true,
+            ..Default::default()
+        },
+    )
+}
+
+fn atomic() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| engine_with(Accum::F32Atomic, None, false))
+}
+fn cas() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| engine_with(Accum::CasLoop, None, false))
+}
+fn det() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| engine_with(Accum::Deterministic, None, false))
+}
+/// Short blocks (C = 5) and no subgroups: many block boundaries, workgroup-memory reductions.
+fn short_blocks() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| engine_with(Accum::CasLoop, Some(5), true))
+}
+
+fn grad_tol(dt: DType) -> f64 {
+    if dt == DType::F32 {
+        3e-4
+    } else {
+        2e-2
+    }
+}
+
+/// A backward case: a forward case plus whether `dht` is given and the dtype of `do`.
+#[derive(Clone, Debug)]
+struct BCase {
+    c: Case,
+    dht: bool,
+    do_dtype: DType,
+}
+
+fn bcase(c: Case, dht: bool) -> BCase {
+    BCase { c, dht, do_dtype: DType::F32 }
+}
+
+/// Host upstream gradients of a case: `do` (rounded to its dtype) and `dht`.
+fn upstream(b: &BCase) -> (HostTensor, Option<HostTensor>) {
+    let c = &b.c;
+    let mut rng = Rng::new(c.seed ^ 0x5eed);
+    let shape = [c.b, c.t, c.hv, c.v];
+    let d_o = HostTensor::from_f64(&shape, &rng.normals(shape.iter().product()), b.do_dtype);
+    let s = c.state_shape();
+    let dht = b.dht.then(|| HostTensor::from_f64(&s, &rng.normals(s.iter().product()), DType::F32));
+    (d_o, dht)
+}
+
+/// GPU gradients, downloaded: dq, dk, dv, dg, dbeta, dh0.
+type GpuGrads = Vec<(&'static str, Vec<f32>)>;
+
+fn run_gpu(e: &Engine, b: &BCase, d: &CaseData, d_o: &HostTensor, dht: Option<&HostTensor>) -> (GpuGrads, Saved) {
+    let dev = d.upload(e);
+    let x = dev.inputs(b.c.cu_seqlens.as_deref());
+    let (_, saved) = e.forward_train(&x, &b.c.opts).unwrap_or_else(|err| panic!("{}: {err}", b.c.label()));
+    let d_o = e.upload("do", d_o).expect("upload do");
+    let dht = dht.map(|t| e.upload("dht", t).expect("upload dht"));
+    let gr = e.backward(&saved, &d_o, dht.as_ref()).unwrap_or_else(|err| panic!("{}: {err}", b.c.label()));
+    let dl = |t: &Tensor| e.download(t).expect("download").to_f32();
+    let mut out =
+        vec![("dq", dl(&gr.dq)), ("dk", dl(&gr.dk)), ("dv", dl(&gr.dv)), ("dg", dl(&gr.dg)), ("dbeta", dl(&gr.dbeta))];
+    if let Some(t) = &gr.dh0 {
+        out.push(("dh0", dl(t)));
+    }
+    (out, saved)
+}
+
+fn reference_grads(
+    b: &BCase,
+    d: &CaseData,
+    d_o: &HostTensor,
+    dht: Option<&HostTensor>,
+) -> Vec<(&'static str, Vec<f64>)> {
+    let p = problem(&b.c, d);
+    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
+    let h0 = d.h0.as_ref().map(|t| t.to_f64());
+    let x = RefInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        g: &g,
+        beta: &beta,
+        h0: h0.as_deref(),
+        mask: d.mask.as_ref().map(|m| &m.bytes[..]),
+    };
+    let dht = dht.map(|t| t.to_f64());
+    let r = reference::backward(&p, &x, &d_o.to_f64(), dht.as_deref());
+    let mut out = vec![("dq", r.dq), ("dk", r.dk), ("dv", r.dv), ("dg", r.dg), ("dbeta", r.dbeta)];
+    if let Some(dh0) = r.dh0 {
+        out.push(("dh0", dh0));
+    }
+    out
+}
+
+/// Runs a case on `e` and the reference; prints and checks every gradient's relative error.
+/// Returns the GPU gradients and the largest error.
+fn check_backward(e: &Engine, b: &BCase) -> (GpuGrads, f64) {
+    let d = b.c.data();
+    let (d_o, dht) = upstream(b);
+    let (gpu, saved) = run_gpu(e, b, &d, &d_o, dht.as_ref());
+    let refg = reference_grads(b, &d, &d_o, dht.as_ref());
+    assert_eq!(gpu.len(), refg.len(), "{}: dh0 present on one side only", b.c.label());
+    let tol = grad_tol(b.c.dtype);
+    let mut line = String::new();
+    let mut worst = 0.0f64;
+    let mut bad = Vec::new();
+    for ((name, a), (_, r)) in gpu.iter().zip(&refg) {
+        let err = rel_err(a, r);
+        line += &format!(" {name} {err:.1e}");
+        worst = worst.max(err);
+        if err.is_nan() || err > tol {
+            bad.push(format!("{name} {err:.3e}"));
+        }
+    }
+    // Saved state: ceil(max_len / C) states per (sequence, value head), never one per token.
+    let p = saved.problem();
+    let nb = p.seqs.max_len().div_ceil(saved.every());
+    assert_eq!(saved.checkpoints().shape(), &[p.n_seqs(), p.dims.hv, nb, p.dims.k, p.dims.v]);
+    println!("{:<100} dht={} {:?} {:?}:{line}  (tol {tol:.0e})", b.c.label(), b.dht, b.do_dtype, e.backward_accum(p));
+    assert!(bad.is_empty(), "{} dht={}: {} above {tol:.0e}", b.c.label(), b.dht, bad.join(", "));
+    (gpu, worst)
+}
+
+fn mlx(c: Case) -> Case {
+    Case { opts: Options { output_final_state: true, ..Options::mlx() }, ..c }
+}
+
+#[test]
+fn gradients_over_t_and_b() {
+    // T in {1, 7, 64, 65, 300}, B in {1, 3}; GQA, h0, dht, conventions, gate and dtype rotate.
+    let groups = [1, 2, 4];
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    let mut i = 0;
+    for t in [1, 7, 64, 65, 300] {
+        for b in [1, 3] {
+            let hv = 2 * groups[i % 3];
+            let mut c = Case::new(b, t, 2, hv, 32, 32);
+            c.dtype = dtypes[(i / 2) % 3];
+            c.h0 = i % 2 == 0;
+            c.gate = if i % 4 == 3 { GateKind::PerKey } else { GateKind::Scalar };
+            c.seed = 100 + i as u64;
+            if i % 3 == 1 {
+                c = mlx(c);
+            }
+            check_backward(atomic(), &bcase(c, i % 2 == 1 || i % 5 == 0));
+            i += 1;
+        }
+    }
+}
+
+#[test]
+fn gradients_for_every_option() {
+    let e = atomic();
+    for (gate, space_mlx) in
+        [(GateKind::Scalar, false), (GateKind::Scalar, true), (GateKind::PerKey, false), (GateKind::PerKey, true)]
+    {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut c = Case::new(2, 70, 1, 2, 32, 16);
+            c.gate = gate;
+            c.dtype = dtype;
+            c.h0 = true;
+            c.mask = true;
+            c.seed = 7;
+            if space_mlx {
+                c = mlx(c);
+            }
+            check_backward(e, &bcase(c, true));
+        }
+    }
+}
+
+#[test]
+fn gradients_with_cu_seqlens_and_mask() {
+    let e = atomic();
+    // Lengths 0, 1, 66, 5, 130: empty and single-token sequences, block boundaries.
+    let cu = vec![0, 0, 1, 67, 72, 202];
+    for (gate, mask, h0, dht, hv) in [
+        (GateKind::Scalar, false, true, true, 4),
+        (GateKind::PerKey, true, true, false, 2),
+        (GateKind::Scalar, true, false, true, 8),
+    ] {
+        let mut c = Case::new(1, 202, 2, hv, 32, 32);
+        c.cu_seqlens = Some(cu.clone());
+        c.gate = gate;
+        c.mask = mask;
+        c.h0 = h0;
+        c.seed = 11;
+        check_backward(e, &bcase(c.clone(), dht));
+        check_backward(e, &bcase(mlx(c), dht));
+    }
+}
+
+#[test]
+fn gradients_at_larger_head_dims() {
+    // K = 64: KT = 8 (subgroup reduce); K = 128: KT = 16 (workgroup reduce, BV = 4).
+    for (k, v, gate) in [(64, 64, GateKind::Scalar), (128, 64, GateKind::PerKey), (128, 128, GateKind::Scalar)] {
+        let mut c = Case::new(1, 65, 1, 2, k, v);
+        c.gate = gate;
+        c.h0 = true;
+        c.seed = 21;
+        check_backward(atomic(), &bcase(c, true));
+    }
+    let mut c = mlx(Case::new(2, 40, 2, 4, 64, 32));
+    c.dtype = DType::BF16;
+    c.mask = true;
+    check_backward(atomic(), &BCase { c, dht: true, do_dtype: DType::BF16 });
+}
+
+#[test]
+fn short_blocks_without_subgroups() {
+    // C = 5: most steps cross a block boundary; workgroup-memory column sums; CAS accumulation.
+    let e = short_blocks();
+    for (t, gate, mask) in [(1, GateKind::Scalar, false), (23, GateKind::PerKey, true), (64, GateKind::Scalar, true)] {
+        let mut c = Case::new(2, t, 2, 4, 32, 32);
+        c.gate = gate;
+        c.mask = mask;
+        c.h0 = true;
+        check_backward(e, &bcase(c.clone(), true));
+        check_backward(e, &bcase(mlx(c), false));
+    }
+    let mut c = Case::new(1, 77, 1, 1, 128, 32);
+    c.cu_seqlens = Some(vec![0, 31, 31, 77]);
+    c.h0 = true;
+    check_backward(e, &bcase(c, true));
+}
+
+fn max_rel_diff(a: &GpuGrads, b: &GpuGrads) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|((_, x), (_, y))| {
+            let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            rel_err(x, &y64)
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn accumulation_mechanisms_agree() {
+    let mut cases = Vec::new();
+    let mut c = Case::new(2, 65, 2, 8, 32, 32);
+    c.h0 = true;
+    c.mask = true;
+    cases.push(bcase(c, true));
+    let mut c = mlx(Case::new(1, 100, 1, 4, 64, 64));
+    c.gate = GateKind::PerKey;
+    c.cu_seqlens = Some(vec![0, 37, 100]);
+    cases.push(bcase(c, false));
+    for b in &cases {
+        let (ga, ea) = check_backward(atomic(), b);
+        let (gc, ec) = check_backward(cas(), b);
+        let (gd, ed) = check_backward(det(), b);
+        let passes: Vec<&str> = det().last_profile().unwrap_or_default().iter().map(|t| t.label).collect();
+        println!("  deterministic passes: {passes:?}");
+        assert!(passes.contains(&"wgdelta.reduce_partials"), "deterministic mode ran no reduction pass");
+        let (ac, ad) = (max_rel_diff(&ga, &gc), max_rel_diff(&ga, &gd));
+        println!("  f32-atomic {ea:.1e} | cas {ec:.1e} | deterministic {ed:.1e} vs reference; atomic vs cas {ac:.1e}, atomic vs det {ad:.1e}");
+        assert!(ac < 1e-5 && ad < 1e-5, "accumulation mechanisms disagree: {ac:.2e} {ad:.2e}");
+    }
+}
+
+#[test]
+fn deterministic_mode_is_bitwise_repeatable() {
+    let mut c = Case::new(1, 130, 2, 8, 32, 32);
+    c.h0 = true;
+    c.gate = GateKind::PerKey;
+    let b = bcase(c, true);
+    let d = b.c.data();
+    let (d_o, dht) = upstream(&b);
+    // Through the user option, not the forced setting.
+    let e = engine();
+    let mut b_opt = b.clone();
+    b_opt.c.opts.deterministic = true;
+    let mut first: Option<GpuGrads> = None;
+    for run in 0..5 {
+        let (g, saved) = run_gpu(e, &b_opt, &d, &d_o, dht.as_ref());
+        assert_eq!(e.backward_accum(saved.problem()), Accum::Deterministic);
+        match &first {
+            None => first = Some(g),
+            Some(f) => {
+                for ((name, a), (_, b)) in f.iter().zip(&g) {
+                    let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "run {run}: {name} differs bitwise from run 0");
+                }
+            }
+        }
+    }
+    println!("deterministic: 5 runs bitwise identical ({})", b.c.label());
+    check_backward(det(), &b);
+}
+
+#[test]
+fn checkpoints_match_reference_and_stay_small() {
+    let e = atomic();
+    let mut c = Case::new(1, 300, 1, 2, 32, 32);
+    c.cu_seqlens = Some(vec![0, 10, 300]);
+    c.h0 = true;
+    c.mask = true;
+    let d = c.data();
+    let dev = d.upload(e);
+    let (_, saved) = e.forward_train(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts).expect("forward_train");
+    let p = problem(&c, &d);
+    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
+    let h0 = d.h0.as_ref().map(|t| t.to_f64());
+    let x = RefInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        g: &g,
+        beta: &beta,
+        h0: h0.as_deref(),
+        mask: d.mask.as_ref().map(|m| &m.bytes[..]),
+    };
+    let every = saved.every();
+    let want = reference::recurrent::checkpoints(&p, &x, every);
+    let got = e.download(saved.checkpoints()).expect("download").to_f32();
+    let err = rel_err(&got, &want);
+    // N = 2 sequences (10 and 290 tokens), HV = 2, NB = ceil(290 / 64) = 5 states each.
+    assert_eq!(saved.checkpoints().shape(), &[2, 2, 5, 32, 32]);
+    let per_token = (c.t * c.hv * c.k * c.v * 4) as u64;
+    println!(
+        "checkpoints: C = {every}, shape {:?}, {} bytes (one state per token would be {per_token}), rel err {err:.1e}",
+        saved.checkpoints().shape(),
+        saved.state_bytes()
+    );
+    assert_eq!(saved.state_bytes(), 2 * 2 * 5 * 32 * 32 * 4);
+    assert!(err < 1e-5, "checkpoint rel err {err:.2e}");
+}
+
+#[test]
+fn backward_validates_upstream_gradients() {
+    let e = atomic();
+    let c = Case::new(1, 8, 1, 1, 16, 16);
+    let d = c.data();
+    let dev = d.upload(e);
+    let (_, saved) = e.forward_train(&dev.inputs(None), &c.opts).expect("forward_train");
+    let bad = e.upload("do", &HostTensor::from_f32(&[1, 8, 1, 8], &[0.0; 64])).expect("upload");
+    assert!(matches!(e.backward(&saved, &bad, None), Err(Error::Shape { name: "do", .. })));
+    let d_o = e.upload("do", &HostTensor::from_f32(&[1, 8, 1, 16], &[0.0; 128])).expect("upload");
+    let bad_dht = e.upload("dht", &HostTensor::from_f32(&[1, 1, 16, 8], &[0.0; 128])).expect("upload");
+    assert!(matches!(e.backward(&saved, &d_o, Some(&bad_dht)), Err(Error::Shape { name: "dht", .. })));
+}
+
+#[test]
+fn strong_decay_and_raw_keys_stay_finite() {
+    // Decays down to 1e-4 (SPEC 6) and un-normalised keys; both gate forms, both conventions.
+    for (gate, conv_mlx) in [(GateKind::Scalar, false), (GateKind::PerKey, true)] {
+        let mut c = Case::new(1, 300, 1, 2, 32, 32);
+        c.gate = gate;
+        c.logdecay = (-9.2, -0.001);
+        c.normalize_k = false;
+        c.h0 = true;
+        if conv_mlx {
+            c = mlx(c);
+        }
+        check_backward(atomic(), &bcase(c, true));
+    }
+}
