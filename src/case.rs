@@ -55,7 +55,8 @@ pub fn parse_metadata(meta: &std::collections::HashMap<String, String>) -> Resul
 }
 
 /// Computes a case on the engine and returns the results file (all F32): `o`, `ht` when
-/// `output_final_state` is true; gradients when the case has `do`.
+/// `output_final_state` is true; when the case has `do` (and optionally `dht`), also `dq dk dv dg
+/// dbeta` and `dh0` when `h0` was given. Nothing is written unless every result was computed.
 pub fn run_case(eng: &Engine, case: &TensorFile, flags: &RunFlags) -> Result<TensorFile> {
     let mut opts = parse_metadata(&case.metadata)?;
     opts.algorithm = flags.algorithm;
@@ -85,11 +86,6 @@ pub fn run_case(eng: &Engine, case: &TensorFile, flags: &RunFlags) -> Result<Ten
     };
     let wants_grads = meta.d_o.is_some();
     crate::problem::Problem::new(&meta, cu.as_deref(), &opts, wants_grads)?;
-    if wants_grads {
-        return Err(Error::Unsupported(
-            "gradients (the case has `do`): the backward pass is not in this build; no output was written".into(),
-        ));
-    }
 
     let up = |name: &'static str| eng.upload(name, req(name)?);
     let (q, k, v, g, beta) = (up("q")?, up("k")?, up("v")?, up("g")?, up("beta")?);
@@ -109,11 +105,30 @@ pub fn run_case(eng: &Engine, case: &TensorFile, flags: &RunFlags) -> Result<Ten
         mask: mask.as_ref(),
         cu_seqlens: cu.as_deref(),
     };
-    let out = eng.forward(&x, &opts)?;
     let mut res = TensorFile::default();
+    if !wants_grads {
+        let out = eng.forward(&x, &opts)?;
+        res.tensors.insert("o".into(), eng.download(&out.o)?);
+        if let Some(ht) = &out.ht {
+            res.tensors.insert("ht".into(), eng.download(ht)?);
+        }
+        return Ok(res);
+    }
+    let (out, saved) = eng.forward_train(&x, &opts)?;
+    let d_o = up("do")?;
+    let dht = t("dht").map(|x| eng.upload("dht", x)).transpose()?;
+    let grads = eng.backward(&saved, &d_o, dht.as_ref())?;
     res.tensors.insert("o".into(), eng.download(&out.o)?);
     if let Some(ht) = &out.ht {
         res.tensors.insert("ht".into(), eng.download(ht)?);
+    }
+    for (name, g) in
+        [("dq", &grads.dq), ("dk", &grads.dk), ("dv", &grads.dv), ("dg", &grads.dg), ("dbeta", &grads.dbeta)]
+    {
+        res.tensors.insert(name.into(), eng.download(g)?);
+    }
+    if let Some(dh0) = &grads.dh0 {
+        res.tensors.insert("dh0".into(), eng.download(dh0)?);
     }
     Ok(res)
 }

@@ -362,6 +362,20 @@ impl Gpu {
         self.scoped(label, || unsafe { self.device.create_shader_module_passthrough(desc) })
     }
 
+    /// Longest sequence the recurrent backward handles in one dispatch with `kt` threads per
+    /// column (see [`Gpu::max_tokens_per_dispatch`]). On software drivers the budget is 60000 loop
+    /// iterations per invocation, about `8 + 4 * (reduction steps)` per token.
+    pub fn max_backward_tokens(&self, kt: u32, reduce: crate::kernels::Reduce) -> usize {
+        if self.info.device_type != wgpu::DeviceType::Cpu {
+            return usize::MAX;
+        }
+        let steps = match reduce {
+            crate::kernels::Reduce::Subgroup => kt.trailing_zeros(),
+            crate::kernels::Reduce::Workgroup => kt,
+        };
+        60_000 / (8 + 4 * steps as usize)
+    }
+
     /// Blocks until all submitted work is done.
     pub(crate) fn wait(&self) -> Result<()> {
         self.device

@@ -3,7 +3,7 @@
 
 use crate::device::{Gpu, GpuOptions};
 use crate::error::Result;
-use crate::graph::{PassGraph, PassTime, Pool};
+use crate::graph::{PassGraph, PassTime, PendingTimes, Pool};
 use crate::kernels::recurrent::Tiles;
 use crate::kernels::{Accum, KernelCache};
 use crate::problem::DType;
@@ -40,7 +40,8 @@ pub struct Engine {
     pub(crate) dummy_read: wgpu::Buffer,
     /// Bound where a kernel's read-write slot is unused.
     pub(crate) dummy_write: wgpu::Buffer,
-    profile: Mutex<Option<Vec<PassTime>>>,
+    /// Timestamps of profiled calls not yet read back (oldest first).
+    profile: Mutex<Vec<PendingTimes>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -79,7 +80,7 @@ impl Engine {
             settings,
             dummy_read,
             dummy_write,
-            profile: Mutex::new(None),
+            profile: Mutex::new(Vec::new()),
         }
     }
 
@@ -96,7 +97,15 @@ impl Engine {
     /// Per-pass GPU times of the last call, when [`Settings::profile`] is on and the adapter has
     /// timestamp queries.
     pub fn last_profile(&self) -> Option<Vec<PassTime>> {
-        self.profile.lock().ok().and_then(|p| p.clone())
+        let last = self.profile.lock().ok().and_then(|mut p| p.drain(..).last())?;
+        last.read(&self.gpu).ok()
+    }
+
+    /// Per-pass GPU times of every profiled call since the last read, oldest first. Profiled
+    /// calls do not wait for the GPU; this does, once.
+    pub fn take_profiles(&self) -> Result<Vec<Vec<PassTime>>> {
+        let pending: Vec<PendingTimes> = self.profile.lock().map(|mut p| p.drain(..).collect()).unwrap_or_default();
+        pending.iter().map(|p| p.read(&self.gpu)).collect()
     }
 
     /// Bytes of scratch memory the engine holds now and at its peak.
@@ -124,9 +133,10 @@ impl Engine {
     }
 
     pub(crate) fn submit(&self, graph: PassGraph<'_>) -> Result<()> {
-        let times = graph.submit(self.settings.profile)?;
-        if let Ok(mut p) = self.profile.lock() {
-            *p = times;
+        if let Some(times) = graph.submit(self.settings.profile)? {
+            if let Ok(mut p) = self.profile.lock() {
+                p.push(times);
+            }
         }
         Ok(())
     }

@@ -164,7 +164,7 @@ impl<'a> PassGraph<'a> {
 
     /// Encodes every step into one encoder and submits once. With `timed` (and an adapter with
     /// timestamp queries) waits for completion and returns each pass's GPU time.
-    pub fn submit(self, timed: bool) -> Result<Option<Vec<PassTime>>> {
+    pub fn submit(self, timed: bool) -> Result<Option<PendingTimes>> {
         let gpu = self.gpu;
         let timed = timed && gpu.caps.timestamp && self.passes() > 0;
         let n_pass = self.passes() as u32;
@@ -226,21 +226,29 @@ impl<'a> PassGraph<'a> {
         })?;
         gpu.scoped("wgdelta.submit", || gpu.queue.submit([encoded]))?;
         self.pool.give_back(self.scratch);
-        let Some((_, resolve, size)) = queries else {
-            return Ok(None);
-        };
-        let raw = gpu.read_buffer(&resolve, size)?;
+        Ok(queries.map(|(_, resolve, size)| PendingTimes { labels, resolve, size }))
+    }
+}
+
+/// Timestamps of a submitted graph, not yet read back (reading waits for the GPU, so callers that
+/// time many calls read them all at the end and keep the GPU busy in between).
+pub struct PendingTimes {
+    labels: Vec<&'static str>,
+    resolve: wgpu::Buffer,
+    size: u64,
+}
+
+impl PendingTimes {
+    /// Waits for the graph and returns each pass's GPU time.
+    pub fn read(&self, gpu: &Gpu) -> Result<Vec<PassTime>> {
+        let raw = gpu.read_buffer(&self.resolve, self.size)?;
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
         let period = gpu.queue.get_timestamp_period() as f64;
-        Ok(Some(
-            labels
-                .iter()
-                .enumerate()
-                .map(|(i, &label)| PassTime {
-                    label,
-                    ns: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period,
-                })
-                .collect(),
-        ))
+        Ok(self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, &label)| PassTime { label, ns: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period })
+            .collect())
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use std::sync::OnceLock;
+use wgdelta::kernels::recurrent::Tiles;
 use wgdelta::reference::{self, RefInputs};
 use wgdelta::*;
 
@@ -384,4 +385,39 @@ fn strong_decay_and_raw_keys_stay_finite() {
         }
         check_backward(atomic(), &bcase(c, true));
     }
+}
+
+/// On a software driver the backward's length limit is real: gradients are right at the limit
+/// (so the loop limiter has not cut the walk short) and one token more is a typed error, not a
+/// silent wrong answer. On hardware GPUs there is no such limit.
+#[test]
+fn software_driver_length_limit() {
+    let e = engine_with(Accum::CasLoop, None, true);
+    let c = Case::new(1, 8, 1, 1, 128, 16);
+    let p_tiles = {
+        let d = c.data();
+        let dev = d.upload(&e);
+        let (_, saved) = e.forward_train(&dev.inputs(None), &c.opts).expect("forward_train");
+        let p = saved.problem().clone();
+        Tiles::choose(p.dims.k, p.dims.v, 4096, e.gpu().caps()).for_backward(p.dims.k)
+    };
+    let limit = e.gpu().max_backward_tokens(p_tiles.kt, p_tiles.reduce);
+    println!("backward limit on this adapter for K=128 ({p_tiles:?}): {limit} tokens");
+    if limit == usize::MAX {
+        return;
+    }
+    let mut at = c.clone();
+    at.t = limit;
+    at.logdecay = (-0.05, 0.0);
+    check_backward(&e, &bcase(at.clone(), true));
+    let mut over = at;
+    over.t = limit + 1;
+    let d = over.data();
+    let dev = d.upload(&e);
+    let (_, saved) = e.forward_train(&dev.inputs(None), &over.opts).expect("forward_train");
+    let (d_o, _) = upstream(&bcase(over.clone(), false));
+    let d_o = e.upload("do", &d_o).expect("upload do");
+    let err = e.backward(&saved, &d_o, None).expect_err("one token past the limit must be refused");
+    println!("T = {}: {err}", limit + 1);
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
 }

@@ -360,10 +360,12 @@ fn through_forward() {
         e.forward(&good, &Options { algorithm: Algorithm::Chunked { chunk: 24 }, ..d }),
         Error::Option { name: "chunk", .. }
     );
-    // The chunked algorithm is not in this build: a typed Unsupported, not a panic.
+    // The chunked algorithm takes a scalar gate only: a per-key gate forced onto it is a typed
+    // Unsupported naming the gate, not a panic (Auto routes it to the recurrent kernel).
+    let g_per_key = up("g", &[2, 6, 2, 32], F32);
     for chunk in [16, 32, 64] {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            e.forward(&good, &Options { algorithm: Algorithm::Chunked { chunk }, ..d })
+            e.forward(&Inputs { g: &g_per_key, ..good }, &Options { algorithm: Algorithm::Chunked { chunk }, ..d })
         }));
         let r = r.unwrap_or_else(|_| panic!("Algorithm::Chunked {{ chunk: {chunk} }} panicked"));
         expect_err!(format!("forward: Algorithm::Chunked {{ chunk: {chunk} }}"), r, Error::Unsupported(_));

@@ -80,8 +80,8 @@ override VARLEN: bool = false;
 override CHECKPOINT: u32 = 0u;
 
 const MAX_KR: u32 = 16u;
-const TILE_MAX: u32 = 4096u;  // K * BV <= 4096 (host-checked)
-var<workgroup> tile: array<f32, TILE_MAX>;
+override TILE_LEN: u32 = K * BV;  // the staging tile (K * BV <= 4096, host-checked)
+var<workgroup> tile: array<f32, TILE_LEN>;
 var<workgroup> seq_bounds: vec2<u32>;
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }

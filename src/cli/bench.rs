@@ -11,7 +11,7 @@ use wgdelta::{Algorithm, DType, Dims, Engine, GateSpace, Gpu, Options, Problem, 
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// Which sweep: decode, prefill, chunked, all.
+    /// Which sweep: decode, prefill, chunked, train, all.
     #[arg(long, default_value = "all")]
     pub preset: String,
     /// Timed runs per case (after warm-up).
@@ -46,6 +46,8 @@ enum Mode {
     Forward,
     /// Decode against a state pool, in place.
     Decode,
+    /// Forward that saves checkpoints, then the backward (h0 in, ht out, do and dht upstream).
+    Train,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -55,11 +57,13 @@ struct Case {
     t: usize,
     dtype: DType,
     algo: Algorithm,
+    /// Backward accumulation without atomics (Train only).
+    deterministic: bool,
 }
 
 fn preset(name: &str) -> Vec<Case> {
     use Algorithm::*;
-    let f = |mode, b, t, dtype, algo| Case { mode, b, t, dtype, algo };
+    let f = |mode, b, t, dtype, algo| Case { mode, b, t, dtype, algo, deterministic: false };
     let mut v = Vec::new();
     if name == "decode" || name == "all" {
         for b in [1, 8, 64, 256] {
@@ -83,6 +87,13 @@ fn preset(name: &str) -> Vec<Case> {
                 [(1, 16384, DType::BF16), (8, 8192, DType::BF16), (1, 16384, DType::F32), (8, 4096, DType::F32)]
             {
                 v.push(f(Mode::Forward, b, t, dt, c));
+            }
+        }
+    }
+    if name == "train" || name == "all" {
+        for (b, t) in [(1, 4096), (8, 8192)] {
+            for det in [false, true] {
+                v.push(Case { deterministic: det, ..f(Mode::Train, b, t, DType::BF16, Recurrent) });
             }
         }
     }
@@ -114,8 +125,12 @@ fn median(mut x: Vec<f64>) -> f64 {
 
 struct Row {
     case: Case,
+    /// Median GPU time per call (timestamps), calls back to back.
     gpu_ms: Option<f64>,
+    /// Wall time per call, calls back to back (throughput).
     wall_ms: f64,
+    /// Median wall time of one call waited for (latency).
+    latency_ms: f64,
     cost: Cost,
     passes: Vec<(String, f64)>,
 }
@@ -168,7 +183,7 @@ pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
                 serde_json::json!({
                     "mode": format!("{:?}", r.case.mode), "b": r.case.b, "t": r.case.t, "h": h, "hv": hv, "k": k, "v": v,
                     "dtype": r.case.dtype.to_string(), "algorithm": format!("{:?}", r.case.algo),
-                    "gpu_ms": r.gpu_ms, "wall_ms": r.wall_ms, "bytes": r.cost.bytes, "flops": r.cost.flops,
+                    "gpu_ms": r.gpu_ms, "wall_ms": r.wall_ms, "latency_ms": r.latency_ms, "bytes": r.cost.bytes, "flops": r.cost.flops,
                     "passes": r.passes.iter().map(|(l, ms)| serde_json::json!({"label": l, "ms": ms})).collect::<Vec<_>>(),
                     "adapter": name, "bandwidth_gbs": bw,
                 })
@@ -182,11 +197,18 @@ pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
 
 fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -> wgdelta::Result<Row> {
     let decode = matches!(c.mode, Mode::Decode);
+    let train = matches!(c.mode, Mode::Train);
     let host = model_like(d, c.dtype, GateSpace::Log, StateLayout::Kv, !decode, 11);
-    let opts = Options { output_final_state: !decode, algorithm: c.algo, ..Options::default() };
+    let opts = Options {
+        output_final_state: !decode,
+        algorithm: c.algo,
+        deterministic: c.deterministic,
+        ..Options::default()
+    };
     let mut passes: Vec<Vec<(String, f64)>> = Vec::new();
     let mut gpu_ms = Vec::new();
     let mut wall_ms = Vec::new();
+    let mut latency_ms = Vec::new();
     let mut problem: Option<Problem> = None;
     for (eng, is_timed) in [(timed, true), (plain, false)] {
         let dev = host.upload(eng)?;
@@ -199,32 +221,71 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
             None
         };
         let slots: Vec<i64> = (0..d.b as i64).collect();
+        let upstream = if train {
+            let mut rng = wgdelta::Rng::new(5);
+            let n = d.b * d.t * d.hv * d.v;
+            let d_o =
+                eng.upload("do", &wgdelta::HostTensor::from_f64(&[d.b, d.t, d.hv, d.v], &rng.normals(n), c.dtype))?;
+            let s = [d.b, d.hv, d.k, d.v];
+            let dht =
+                eng.upload("dht", &wgdelta::HostTensor::from_f64(&s, &rng.normals(s.iter().product()), DType::F32))?;
+            Some((d_o, dht))
+        } else {
+            None
+        };
         let x = dev.inputs();
         if problem.is_none() {
             problem = Some(Problem::new(&x.meta(), None, &opts, false)?);
         }
         let call = || -> wgdelta::Result<()> {
-            match &pool {
-                Some(p) => eng.decode(&x, p, &slots, &opts).map(drop),
-                None => eng.forward(&x, &opts).map(drop),
+            match (&pool, &upstream) {
+                (Some(p), _) => eng.decode(&x, p, &slots, &opts).map(drop),
+                (None, Some((d_o, dht))) => {
+                    let (_, saved) = eng.forward_train(&x, &opts)?;
+                    eng.backward(&saved, d_o, Some(dht)).map(drop)
+                }
+                (None, None) => eng.forward(&x, &opts).map(drop),
             }
         };
-        for _ in 0..a.warmup {
+        // Warm up: compile, and run the GPU long enough (>= 0.3 s) that its clocks settle.
+        let t0 = Instant::now();
+        let mut n = 0;
+        while n < a.warmup || (t0.elapsed().as_secs_f64() < 0.3 && n < 10_000) {
             call()?;
+            n += 1;
+            if n % 32 == 0 {
+                eng.sync()?;
+            }
         }
         eng.sync()?;
-        for _ in 0..a.runs {
-            let t0 = Instant::now();
-            call()?;
+        if is_timed {
+            // Back-to-back profiled calls; timestamps read once at the end.
+            eng.take_profiles()?;
+            for _ in 0..a.runs {
+                call()?;
+            }
             eng.sync()?;
-            let w = t0.elapsed().as_secs_f64() * 1e3;
-            if is_timed {
-                if let Some(p) = eng.last_profile() {
-                    gpu_ms.push(p.iter().map(|x| x.ns).sum::<f64>() * 1e-6);
-                    passes.push(p.iter().map(|x| (x.label.to_string(), x.ns * 1e-6)).collect());
-                }
-            } else {
-                wall_ms.push(w);
+            // One entry per submission; a training call submits twice (forward, backward).
+            let per_call = if train { 2 } else { 1 };
+            for call in eng.take_profiles()?.chunks(per_call) {
+                let p: Vec<_> = call.iter().flatten().collect();
+                gpu_ms.push(p.iter().map(|x| x.ns).sum::<f64>() * 1e-6);
+                passes.push(p.iter().map(|x| (x.label.to_string(), x.ns * 1e-6)).collect());
+            }
+        } else {
+            // Throughput: back-to-back calls, one wait at the end.
+            let t0 = Instant::now();
+            for _ in 0..a.runs {
+                call()?;
+            }
+            eng.sync()?;
+            wall_ms.push(t0.elapsed().as_secs_f64() * 1e3 / a.runs as f64);
+            // Latency: each call waited for.
+            for _ in 0..a.runs.min(50) {
+                let t0 = Instant::now();
+                call()?;
+                eng.sync()?;
+                latency_ms.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
     }
@@ -244,6 +305,7 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
         case: c,
         gpu_ms: (!gpu_ms.is_empty()).then(|| median(gpu_ms)),
         wall_ms: median(wall_ms),
+        latency_ms: median(latency_ms),
         cost,
         passes: per_pass,
     })
@@ -258,14 +320,15 @@ fn print_row(r: &Row, d: Dims, bw: Option<f64>, peak: Option<f64>) {
     let floor = bw.map(|bw| r.cost.bytes / (bw * 1e9) * 1e3);
     let flop_floor = peak.map(|p| r.cost.flops / (p * 1e12) * 1e3);
     println!(
-        "{:<8} B={:<4} T={:<6} {:<5} {:<22} gpu {:>9} ms  wall {:>9.4} ms  {:>8.3} Mtok/s  {:>7.1} GB/s  {:>6.2} TFLOP/s  {}{}  [{}]",
+        "{:<8} B={:<4} T={:<6} {:<5} {:<22} gpu {:>9} ms  wall {:>9.4} ms  lat {:>8.4} ms  {:>8.3} Mtok/s  {:>7.1} GB/s  {:>6.2} TFLOP/s  {}{}  [{}]",
         format!("{:?}", c.mode),
         c.b,
         c.t,
         c.dtype.to_string(),
-        format!("{:?}", c.algo),
+        format!("{:?}{}", c.algo, if c.deterministic { " det" } else { "" }),
         r.gpu_ms.map(|g| format!("{g:.4}")).unwrap_or_else(|| "-".into()),
         r.wall_ms,
+        r.latency_ms,
         toks / (t_ms * 1e-3) / 1e6,
         gbs,
         tflops,

@@ -174,6 +174,16 @@ impl Engine {
             return Err(Error::MissingFeature("SHADER_FLOAT32_ATOMIC (for Accum::F32Atomic)".into()));
         }
         let tiles = self.recurrent_tiles(&p)?.for_backward(d.k);
+        // The backward walks a whole sequence in one dispatch; a software driver's loop limiter
+        // (llvmpipe: 65535 loop iterations per invocation) would end it early, silently.
+        let limit = self.gpu.max_backward_tokens(tiles.kt, tiles.reduce);
+        if p.seqs.max_len() > limit {
+            return Err(Error::Unsupported(format!(
+                "backward of a {}-token sequence on this adapter: at most {limit} tokens per sequence \
+                 (its shader loop limit); use a hardware GPU",
+                p.seqs.max_len()
+            )));
+        }
         let v_tiles = d.v as u32 / tiles.bv;
         let wg = tiles.kt * tiles.bv;
         let every = saved.every as u32;

@@ -72,7 +72,10 @@ fn record(
     }
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
-    let max_local = max_local_chunks(p, c, budget, caps.max_binding);
+    // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
+    // watchdogs): see `Gpu::max_tokens_per_dispatch`.
+    let max_local =
+        max_local_chunks(p, c, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
 

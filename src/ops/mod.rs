@@ -100,10 +100,16 @@ pub fn chunked_unsupported(p: &Problem) -> Option<String> {
     })
 }
 
-/// Whether `Algorithm::Auto` picks the chunked algorithm for `p` on a device with `caps`: supported,
-/// and some sequence long enough for chunks to pay.
+/// Whether `Algorithm::Auto` picks the chunked algorithm for `p` on a device with `caps`.
+///
+/// Not yet anywhere: measured on an H100 (docs/PERF.md, 2026-11-22) the chunked passes are slower
+/// than the recurrent kernel at every length tried (bf16 B=1 T=16384: 19.7 ms against 11.9 ms;
+/// B=8 T=8192: 77 ms against 37 ms), and on the software driver too (T=2048: 6.3 s against 5.1 s).
+/// Auto will switch at the measured crossover once the chunked matrix products are fast;
+/// `AUTO_CHUNKED_MIN_LEN` is the shape rule it will use.
 pub fn auto_chunked(p: &Problem, _caps: &Caps) -> bool {
-    chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
+    const CHUNKED_FASTER_ON_SOME_DEVICE: bool = false;
+    CHUNKED_FASTER_ON_SOME_DEVICE && chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
 }
 
 /// Resolves the algorithm for a validated problem on a device with `caps`.
