@@ -97,7 +97,7 @@ impl Engine {
     /// Per-pass GPU times of the last call, when [`Settings::profile`] is on and the adapter has
     /// timestamp queries.
     pub fn last_profile(&self) -> Option<Vec<PassTime>> {
-        let last = self.profile.lock().ok().and_then(|mut p| p.drain(..).last())?;
+        let last = self.profile.lock().ok().and_then(|mut p| p.drain(..).next_back())?;
         last.read(&self.gpu).ok()
     }
 

@@ -267,7 +267,7 @@ fn expect_float(name: &'static str, m: &TensorMeta) -> Result<()> {
 
 /// Checks a head dimension: a multiple of 16 from 16 to 256.
 pub fn check_head_dim(which: &'static str, d: usize) -> Result<()> {
-    if d == 0 || d % 16 != 0 || d > 256 {
+    if d == 0 || !d.is_multiple_of(16) || d > 256 {
         return Err(Error::HeadDim { which, got: d });
     }
     Ok(())

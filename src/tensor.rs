@@ -183,7 +183,7 @@ impl Gpu {
     pub fn upload(&self, name: &str, t: &HostTensor) -> Result<Tensor> {
         let dev = self.empty(name, &t.shape, t.dtype)?;
         let mut data = Cow::Borrowed(&t.bytes[..]);
-        if t.bytes.len() % 4 != 0 || t.bytes.is_empty() {
+        if !t.bytes.len().is_multiple_of(4) || t.bytes.is_empty() {
             let mut v = t.bytes.clone();
             v.resize(padded(t.bytes.len() as u64) as usize, 0);
             data = Cow::Owned(v);

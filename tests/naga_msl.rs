@@ -172,20 +172,32 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
                 state_src: src,
                 store_state: store,
                 use_slots: slots,
+                decode: max_len <= 16,
                 checkpoint: if n % 3 == 1 { 64 } else { 0 },
             };
             let label = format!(
                 "K={k} V={v} {dt} {:?} {:?}/{:?} H={h} HV={hv} {src:?} store={store} slots={slots} varlen={varlen} len={max_len} KT={} KR={} BV={}",
                 gate, opts.gate_space, opts.state_layout, tiles.kt, tiles.kr, tiles.bv
             );
-            out.push((label, spec.key(&p)));
+            // A decode key of the kv layout reduces through workgroup memory whatever the device
+            // (its column's threads are spread over the workgroup): it belongs to that variant.
+            let key = spec.key(&p);
+            if key.reduce == reduce {
+                out.push((label, key));
+            }
         }
     }
     // Extreme forced tilings too: one column per workgroup, and KT beyond K.
     let p = problem(1, 1, 32, 32, DType::F32, GateKind::Scalar, Options::default(), false, false, false);
     for tiles in [Tiles { kt: 2, kr: 16, bv: 1, reduce }, Tiles { kt: 32, kr: 1, bv: 8, reduce }] {
-        let spec =
-            RecurrentSpec { tiles, state_src: StateSrc::Zeros, store_state: true, use_slots: false, checkpoint: 0 };
+        let spec = RecurrentSpec {
+            tiles,
+            state_src: StateSrc::Zeros,
+            store_state: true,
+            use_slots: false,
+            decode: false,
+            checkpoint: 0,
+        };
         out.push((format!("forced {tiles:?}"), spec.key(&p)));
     }
     out

@@ -47,13 +47,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> q: array<u32>;
-@group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> v: array<u32>;
-@group(0) @binding(4) var<storage, read> g: array<u32>;
-@group(0) @binding(5) var<storage, read> beta: array<u32>;
-// seq offsets [N+1], then mask bytes (packed) at mask_off.
-@group(0) @binding(6) var<storage, read> info: array<u32>;
+// Bindings 1-6 (q, k, v, g, beta, info) and the shared overrides are in recurrent_common.wgsl.
 @group(0) @binding(7) var<storage, read> d_o: array<u32>;
 @group(0) @binding(8) var<storage, read> dht: array<u32>;
 @group(0) @binding(9) var<storage, read> ckpt: array<f32>;
@@ -62,44 +56,19 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> work: array<f32>;
 // binding 12 (`acc`) and fn accum(fin, part, x) come from the accumulation variant.
 
-override H: u32;
-override HV: u32;
-override K: u32;
-override V: u32;
-override GROUP: u32 = HV / H;
-override BV: u32;
-override KT: u32;
-override KR: u32;
-override WG: u32 = KT * BV;
-override QKV_DT: u32 = 0u;
-override G_DT: u32 = 0u;
-override BETA_DT: u32 = 0u;
 override DO_DT: u32 = 0u;
 override DHT_DT: u32 = 0u;
-override GATE_PER_KEY: bool = false;
-override GATE_LINEAR: bool = false;
-override LAYOUT_VK: bool = false;
-override HAS_MASK: bool = false;
 override HAS_DHT: bool = false;
 override HAS_DH0: bool = false;
 override C: u32 = 64u;       // checkpoint interval
 
-const MAX_KR: u32 = 16u;
 const ROWS_MAX: u32 = 512u;  // K * BV <= 512 (host-checked): 8 KiB
 var<workgroup> rows_red: array<vec4<f32>, ROWS_MAX>;
 var<workgroup> seq_bounds: vec2<u32>;
 
-fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
-fn ld_v(i: u32) -> f32 { return decode(QKV_DT, v[word_of(QKV_DT, i)], i); }
-fn ld_g(i: u32) -> f32 { return decode(G_DT, g[word_of(G_DT, i)], i); }
-fn ld_beta(i: u32) -> f32 { return decode(BETA_DT, beta[word_of(BETA_DT, i)], i); }
 fn ld_do(i: u32) -> f32 { return decode(DO_DT, d_o[word_of(DO_DT, i)], i); }
 fn ld_dht(i: u32) -> f32 { return decode(DHT_DT, dht[word_of(DHT_DT, i)], i); }
 
-fn s_off(i: u32, j: u32) -> u32 {
-    return select(i * V + j, j * K + i, LAYOUT_VK);
-}
 
 // Decay of key row i (ic clamped) of row `hrow`, from the scalar decay or the per-key gate.
 fn decay(d_scalar: f32, hrow: u32, ic: u32) -> f32 {
@@ -108,6 +77,14 @@ fn decay(d_scalar: f32, hrow: u32, ic: u32) -> f32 {
     }
     let x = ld_g(hrow * K + ic);
     return select(exp(x), x, GATE_LINEAR);
+}
+
+// A column's KT threads are consecutive invocations (r = lid % KT), as in the forward.
+fn col_first(lid: u32) -> u32 {
+    return (lid / KT) * KT;
+}
+fn col_stride() -> u32 {
+    return 1u;
 }
 
 @compute @workgroup_size(WG)

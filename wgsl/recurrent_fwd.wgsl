@@ -40,34 +40,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
-@group(0) @binding(1) var<storage, read> q: array<u32>;
-@group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> v: array<u32>;
-@group(0) @binding(4) var<storage, read> g: array<u32>;
-@group(0) @binding(5) var<storage, read> beta: array<u32>;
-// seq offsets [N+1], then slot indices [N] at slots_off, then mask bytes (packed) at mask_off.
-@group(0) @binding(6) var<storage, read> info: array<u32>;
+// Bindings 1-6 (q, k, v, g, beta, info) and the shared overrides are in recurrent_common.wgsl.
 @group(0) @binding(7) var<storage, read> h0: array<f32>;
 @group(0) @binding(8) var<storage, read_write> o: array<f32>;
 @group(0) @binding(9) var<storage, read_write> state: array<f32>;
 @group(0) @binding(10) var<storage, read_write> ckpt: array<f32>;
 
-override H: u32;
-override HV: u32;
-override K: u32;
-override V: u32;
-override GROUP: u32 = HV / H;
-override BV: u32;            // value columns per workgroup (divides V)
-override KT: u32;            // threads per column (power of two)
-override KR: u32;            // rows per thread: KT * KR >= K, KR <= MAX_KR
-override WG: u32 = KT * BV;  // workgroup size
-override QKV_DT: u32 = 0u;
-override G_DT: u32 = 0u;
-override BETA_DT: u32 = 0u;
-override GATE_PER_KEY: bool = false;
-override GATE_LINEAR: bool = false;
-override LAYOUT_VK: bool = false;
-override HAS_MASK: bool = false;
 // Where S_0 comes from: 0 zeros, 1 the `h0` buffer, 2 the `state` buffer itself (in place).
 override STATE_SRC: u32 = 0u;
 override STORE_STATE: bool = false;
@@ -76,24 +54,28 @@ override USE_SLOTS: bool = false;
 // Sequence bounds come from `info` (cu_seqlens); otherwise sequence n is rows n*T .. n*T+T, known
 // without a dependent memory read (it matters for decode latency).
 override VARLEN: bool = false;
+// Decode layout (a few tokens): with COL_FAST consecutive threads take consecutive value columns
+// (r = lid / BV, c = lid % BV), so for the kv layout each thread's own state elements are read and
+// written coalesced straight from registers; STAGE = false then skips the staging tile (for vk the
+// default r-fast layout is already coalesced). The column reduction is by workgroup memory.
+override COL_FAST: bool = false;
+override STAGE: bool = true;
 // Save the state every CHECKPOINT tokens of each sequence into `ckpt` (0: off).
 override CHECKPOINT: u32 = 0u;
 
-const MAX_KR: u32 = 16u;
 override TILE_LEN: u32 = K * BV;  // the staging tile (K * BV <= 4096, host-checked)
 var<workgroup> tile: array<f32, TILE_LEN>;
 var<workgroup> seq_bounds: vec2<u32>;
 
-fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
-fn ld_v(i: u32) -> f32 { return decode(QKV_DT, v[word_of(QKV_DT, i)], i); }
-fn ld_g(i: u32) -> f32 { return decode(G_DT, g[word_of(G_DT, i)], i); }
-fn ld_beta(i: u32) -> f32 { return decode(BETA_DT, beta[word_of(BETA_DT, i)], i); }
 
-// Offset of S[i][j] inside one K x V state.
-fn s_off(i: u32, j: u32) -> u32 {
-    return select(i * V + j, j * K + i, LAYOUT_VK);
+// A column's KT threads are invocations col_first(lid) + r * col_stride(), r < KT.
+fn col_first(lid: u32) -> u32 {
+    return select((lid / KT) * KT, lid % BV, COL_FAST);
 }
+fn col_stride() -> u32 {
+    return select(1u, BV, COL_FAST);
+}
+
 
 // Tile element e (0 <= e < K*BV) in the state's memory order -> (row i, tile column c).
 fn tile_rc(e: u32) -> vec2<u32> {
@@ -113,8 +95,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hv = wid.x / tiles;
     let j0 = (wid.x % tiles) * BV;
     let hk = hv / GROUP;
-    let r = lid % KT;
-    let c = lid / KT;
+    let r = select(lid % KT, lid / BV, COL_FAST);
+    let c = select(lid / KT, lid % BV, COL_FAST);
     let j = j0 + c;
 
     var bounds = vec2<u32>(n * P.t, n * P.t + P.t);
@@ -135,23 +117,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let sbase = (slot * HV + hv) * K * V;
 
-    // S_0 -> tile (coalesced) -> registers.
-    for (var e = lid; e < K * BV; e += WG) {
-        let rc = tile_rc(e);
-        let src = sbase + s_off(rc.x, j0 + rc.y);
-        var x = 0.0;
-        if (STATE_SRC == 1u) {
-            x = h0[src];
-        } else if (STATE_SRC == 2u) {
-            x = state[src];
-        }
-        tile[rc.x * BV + rc.y] = x;
-    }
-    workgroupBarrier();
+    // S_0 -> registers: through the tile (coalesced for either layout), or directly when the
+    // thread layout already makes each thread's accesses coalesced.
     var s: array<f32, MAX_KR>;
-    for (var m = 0u; m < KR; m++) {
-        let i = r + KT * m;
-        s[m] = select(0.0, tile[min(i, K - 1u) * BV + c], i < K);
+    if (STAGE) {
+        for (var e = lid; e < K * BV; e += WG) {
+            let rc = tile_rc(e);
+            let src = sbase + s_off(rc.x, j0 + rc.y);
+            var x = 0.0;
+            if (STATE_SRC == 1u) {
+                x = h0[src];
+            } else if (STATE_SRC == 2u) {
+                x = state[src];
+            }
+            tile[rc.x * BV + rc.y] = x;
+        }
+        workgroupBarrier();
+        for (var m = 0u; m < KR; m++) {
+            let i = r + KT * m;
+            s[m] = select(0.0, tile[min(i, K - 1u) * BV + c], i < K);
+        }
+    } else {
+        for (var m = 0u; m < KR; m++) {
+            let i = r + KT * m;
+            let src = sbase + s_off(min(i, K - 1u), j);
+            var x = 0.0;
+            if (STATE_SRC == 1u) {
+                x = h0[src];
+            } else if (STATE_SRC == 2u) {
+                x = state[src];
+            }
+            s[m] = select(0.0, x, i < K);
+        }
     }
 
     var kk: array<f32, MAX_KR>;
@@ -210,8 +207,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
 
-    if (STORE_STATE) {
-        // Registers -> tile -> state (coalesced). The barrier also orders the last column_sum's reads.
+    if (STORE_STATE && !STAGE) {
+        for (var m = 0u; m < KR; m++) {
+            let i = r + KT * m;
+            if (i < K) {
+                state[sbase + s_off(i, j)] = s[m];
+            }
+        }
+    }
+    if (STORE_STATE && STAGE) {
+        // Registers -> tile -> state (coalesced).
         workgroupBarrier();
         for (var m = 0u; m < KR; m++) {
             let i = r + KT * m;

@@ -6,7 +6,7 @@
 fn column_sum(x: vec3<f32>, lid: u32, parity: u32) -> vec3<f32> {
     var s = x;
     for (var off = 1u; off < KT; off = off << 1u) {
-        s += subgroupShuffleXor(s, off);
+        s += subgroupShuffleXor(s, off * col_stride());
     }
     return s;
 }

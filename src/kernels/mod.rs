@@ -26,6 +26,7 @@ pub mod src {
     pub const PRELUDE: &str = include_str!("../../wgsl/prelude.wgsl");
     pub const REDUCE_SUBGROUP: &str = include_str!("../../wgsl/reduce_subgroup.wgsl");
     pub const REDUCE_WORKGROUP: &str = include_str!("../../wgsl/reduce_workgroup.wgsl");
+    pub const RECURRENT_COMMON: &str = include_str!("../../wgsl/recurrent_common.wgsl");
     pub const RECURRENT_FWD: &str = include_str!("../../wgsl/recurrent_fwd.wgsl");
     pub const CHUNK_COMMON: &str = include_str!("../../wgsl/chunk_common.wgsl");
     pub const CHUNK_CUMSUM: &str = include_str!("../../wgsl/chunk_cumsum.wgsl");
@@ -182,6 +183,9 @@ pub fn assemble(kernel: Kernel, reduce: Reduce, accum: Option<Accum>) -> String 
             Reduce::Subgroup => src::REDUCE_SUBGROUP,
             Reduce::Workgroup => src::REDUCE_WORKGROUP,
         });
+    }
+    if matches!(kernel, Kernel::RecurrentFwd | Kernel::RecurrentBwd) {
+        s.push_str(src::RECURRENT_COMMON);
     }
     if kernel.chunked() {
         s.push_str(src::CHUNK_COMMON);

@@ -4,7 +4,7 @@ use super::{Inputs, Outputs};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::PassGraph;
-use crate::kernels::recurrent::{Params, RecurrentSpec, StateSrc, Tiles};
+use crate::kernels::recurrent::{Params, RecurrentSpec, StateSrc, Tiles, DECODE_MAX_LEN, DECODE_WIDE_MIN_HEADS};
 use crate::problem::Problem;
 use crate::tensor::{padded, Tensor};
 
@@ -32,6 +32,9 @@ impl Engine {
                 name: "recurrent_tiles",
                 why: format!("{t:?} is not valid for K = {}, V = {} on this device", p.dims.k, p.dims.v),
             }),
+            None if p.seqs.max_len() <= DECODE_MAX_LEN && p.n_seqs() * p.dims.hv >= DECODE_WIDE_MIN_HEADS => {
+                Ok(Tiles::decode_wide(p.dims.k, p.dims.v, caps))
+            }
             None => Ok(Tiles::choose(p.dims.k, p.dims.v, p.seqs.max_len(), caps)),
         }
     }
@@ -113,6 +116,7 @@ pub(crate) fn record(
             state_src: if s == 0 { io.src } else { StateSrc::InPlace },
             store_state: if last { io.store } else { true },
             use_slots: io.slots.is_some(),
+            decode: p.seqs.max_len() <= DECODE_MAX_LEN,
             checkpoint: every,
         };
         graph.dispatch(
