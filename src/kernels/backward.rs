@@ -1,8 +1,9 @@
 //! Specialisation of `wgsl/recurrent_bwd.wgsl` (and its Metal twin) and `wgsl/reduce_partials.wgsl`.
 
+use super::recurrent::common_constants;
 use super::recurrent::Tiles;
 use super::{Accum, Kernel, PipelineKey, Reduce};
-use crate::problem::{DType, GateKind, GateSpace, Problem, StateLayout};
+use crate::problem::{DType, Problem};
 
 /// Largest `K * BV` the backward's per-row reduction buffer holds (`ROWS_MAX` in the WGSL).
 pub const ROWS_MAX: u32 = 512;
@@ -23,33 +24,22 @@ pub struct BackwardSpec {
 impl BackwardSpec {
     /// The pipeline key for problem `p`.
     pub fn key(&self, p: &Problem) -> PipelineKey {
-        let d = &p.dims;
         let t = &self.tiles;
         let b = |x: bool| if x { 1.0 } else { 0.0 };
         PipelineKey::new(
             Kernel::RecurrentBwd,
             t.reduce,
-            vec![
-                ("H", d.h as f64),
-                ("HV", d.hv as f64),
-                ("K", d.k as f64),
-                ("V", d.v as f64),
-                ("BV", t.bv as f64),
-                ("KT", t.kt as f64),
-                ("KR", t.kr as f64),
-                ("QKV_DT", p.dtype.wgsl_code() as f64),
-                ("G_DT", p.g_dtype.wgsl_code() as f64),
-                ("BETA_DT", p.beta_dtype.wgsl_code() as f64),
-                ("DO_DT", self.do_dtype.wgsl_code() as f64),
-                ("DHT_DT", self.dht.unwrap_or(DType::F32).wgsl_code() as f64),
-                ("GATE_PER_KEY", b(p.gate == GateKind::PerKey)),
-                ("GATE_LINEAR", b(p.gate_space == GateSpace::Linear)),
-                ("LAYOUT_VK", b(p.state_layout == StateLayout::Vk)),
-                ("HAS_MASK", b(p.has_mask)),
-                ("HAS_DHT", b(self.dht.is_some())),
-                ("HAS_DH0", b(self.dh0)),
-                ("C", self.every as f64),
-            ],
+            [
+                common_constants(p, t),
+                vec![
+                    ("DO_DT", self.do_dtype.wgsl_code() as f64),
+                    ("DHT_DT", self.dht.unwrap_or(DType::F32).wgsl_code() as f64),
+                    ("HAS_DHT", b(self.dht.is_some())),
+                    ("HAS_DH0", b(self.dh0)),
+                    ("C", self.every as f64),
+                ],
+            ]
+            .concat(),
         )
         .with_accum(self.accum)
     }

@@ -111,6 +111,29 @@ pub struct RecurrentSpec {
     pub checkpoint: u32,
 }
 
+/// The override constants `wgsl/recurrent_common.wgsl` declares (shapes, tiling, input dtypes,
+/// conventions), shared by the recurrent forward's and backward's keys.
+pub(crate) fn common_constants(p: &Problem, t: &Tiles) -> Vec<(&'static str, f64)> {
+    let d = &p.dims;
+    let b = |x: bool| if x { 1.0 } else { 0.0 };
+    vec![
+        ("H", d.h as f64),
+        ("HV", d.hv as f64),
+        ("K", d.k as f64),
+        ("V", d.v as f64),
+        ("BV", t.bv as f64),
+        ("KT", t.kt as f64),
+        ("KR", t.kr as f64),
+        ("QKV_DT", p.dtype.wgsl_code() as f64),
+        ("G_DT", p.g_dtype.wgsl_code() as f64),
+        ("BETA_DT", p.beta_dtype.wgsl_code() as f64),
+        ("GATE_PER_KEY", b(p.gate == GateKind::PerKey)),
+        ("GATE_LINEAR", b(p.gate_space == GateSpace::Linear)),
+        ("LAYOUT_VK", b(p.state_layout == StateLayout::Vk)),
+        ("HAS_MASK", b(p.has_mask)),
+    ]
+}
+
 impl RecurrentSpec {
     /// The pipeline key for problem `p`.
     pub fn key(&self, p: &Problem) -> PipelineKey {
@@ -124,30 +147,20 @@ impl RecurrentSpec {
         PipelineKey::new(
             Kernel::RecurrentFwd,
             reduce,
-            vec![
-                ("H", d.h as f64),
-                ("HV", d.hv as f64),
-                ("K", d.k as f64),
-                ("V", d.v as f64),
-                ("BV", t.bv as f64),
-                ("KT", t.kt as f64),
-                ("KR", t.kr as f64),
-                ("QKV_DT", p.dtype.wgsl_code() as f64),
-                ("G_DT", p.g_dtype.wgsl_code() as f64),
-                ("BETA_DT", p.beta_dtype.wgsl_code() as f64),
-                ("GATE_PER_KEY", b(p.gate == GateKind::PerKey)),
-                ("GATE_LINEAR", b(p.gate_space == GateSpace::Linear)),
-                ("LAYOUT_VK", b(p.state_layout == StateLayout::Vk)),
-                ("HAS_MASK", b(p.has_mask)),
-                ("STATE_SRC", self.state_src as u32 as f64),
-                ("STORE_STATE", b(self.store_state)),
-                ("USE_SLOTS", b(self.use_slots)),
-                ("COL_FAST", b(col_fast)),
-                ("STAGE", b(stage)),
-                ("TILE_LEN", if stage { (d.k as u32 * t.bv) as f64 } else { 1.0 }),
-                ("VARLEN", b(p.seqs.varlen)),
-                ("CHECKPOINT", self.checkpoint as f64),
-            ],
+            [
+                common_constants(p, t),
+                vec![
+                    ("STATE_SRC", self.state_src as u32 as f64),
+                    ("STORE_STATE", b(self.store_state)),
+                    ("USE_SLOTS", b(self.use_slots)),
+                    ("COL_FAST", b(col_fast)),
+                    ("STAGE", b(stage)),
+                    ("TILE_LEN", if stage { (d.k as u32 * t.bv) as f64 } else { 1.0 }),
+                    ("VARLEN", b(p.seqs.varlen)),
+                    ("CHECKPOINT", self.checkpoint as f64),
+                ],
+            ]
+            .concat(),
         )
     }
 }
