@@ -194,29 +194,54 @@ impl<'a> PassGraph<'a> {
             let mut enc =
                 gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wgdelta.graph") });
             let mut pass_i = 0u32;
-            for step in &self.steps {
-                match step {
-                    Step::Pass { label, pipeline, bind_group, grid } => {
+            let mut i = 0;
+            while i < self.steps.len() {
+                match &self.steps[i] {
+                    Step::Pass { .. } => {
+                        // Untimed, a run of consecutive dispatches shares one compute pass (wgpu
+                        // still orders dependent dispatches); timed, each dispatch is its own pass
+                        // so its timestamps bracket it alone.
+                        let end = if queries.is_some() {
+                            i + 1
+                        } else {
+                            self.steps[i..]
+                                .iter()
+                                .position(|s| !matches!(s, Step::Pass { .. }))
+                                .map_or(self.steps.len(), |n| i + n)
+                        };
+                        let first_label = match &self.steps[i] {
+                            Step::Pass { label, .. } => *label,
+                            _ => "wgdelta.pass",
+                        };
                         let tw = queries.as_ref().map(|(qs, _, _)| wgpu::ComputePassTimestampWrites {
                             query_set: qs,
                             beginning_of_pass_write_index: Some(2 * pass_i),
                             end_of_pass_write_index: Some(2 * pass_i + 1),
                         });
                         let mut cp = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                            label: Some(label),
+                            label: Some(first_label),
                             timestamp_writes: tw,
                         });
-                        cp.set_pipeline(pipeline);
-                        cp.set_bind_group(0, bind_group, &[]);
-                        cp.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                        for step in &self.steps[i..end] {
+                            if let Step::Pass { label, pipeline, bind_group, grid } = step {
+                                cp.set_pipeline(pipeline);
+                                cp.set_bind_group(0, bind_group, &[]);
+                                cp.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                                labels.push(*label);
+                                pass_i += 1;
+                            }
+                        }
                         drop(cp);
-                        labels.push(*label);
-                        pass_i += 1;
+                        i = end;
                     }
                     Step::Copy { src, src_off, dst, dst_off, size } => {
                         enc.copy_buffer_to_buffer(src, *src_off, dst, *dst_off, *size);
+                        i += 1;
                     }
-                    Step::Clear { buffer, size } => enc.clear_buffer(buffer, 0, Some(*size)),
+                    Step::Clear { buffer, size } => {
+                        enc.clear_buffer(buffer, 0, Some(*size));
+                        i += 1;
+                    }
                 }
             }
             if let Some((qs, resolve, _)) = &queries {
