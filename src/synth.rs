@@ -46,16 +46,21 @@ impl DeviceInputs {
     }
 }
 
+/// L2-normalises each row of `width` values in place (as models normalise keys).
+pub fn normalize_rows(x: &mut [f64], width: usize) {
+    for r in x.chunks_mut(width.max(1)) {
+        let n = r.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+        r.iter_mut().for_each(|v| *v /= n);
+    }
+}
+
 /// Random model-like inputs (scalar gate) in `dtype`, the gate in `space`, h0 in `layout` if asked.
 pub fn model_like(d: Dims, dtype: DType, space: GateSpace, layout: StateLayout, h0: bool, seed: u64) -> HostInputs {
     let mut rng = Rng::new(seed);
     let rows = d.b * d.t;
     let q = rng.normals(rows * d.h * d.k);
     let mut k = rng.normals(rows * d.h * d.k);
-    for r in k.chunks_mut(d.k) {
-        let n = r.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-        r.iter_mut().for_each(|x| *x /= n);
-    }
+    normalize_rows(&mut k, d.k);
     let v = rng.normals(rows * d.hv * d.v);
     let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
     let beta: Vec<f64> = rng.normals(rows * d.hv).into_iter().map(sig).collect();

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use std::sync::OnceLock;
 use wgdelta::kernels::recurrent::Tiles;
-use wgdelta::reference::{self, RefInputs};
+use wgdelta::reference;
 use wgdelta::*;
 
 /// An engine whose backward uses `accum`, with checkpoints every `every` tokens (`None`: default).
@@ -103,17 +103,8 @@ fn reference_grads(
     dht: Option<&HostTensor>,
 ) -> Vec<(&'static str, Vec<f64>)> {
     let p = problem(&b.c, d);
-    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
-    let h0 = d.h0.as_ref().map(|t| t.to_f64());
-    let x = RefInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        g: &g,
-        beta: &beta,
-        h0: h0.as_deref(),
-        mask: d.mask.as_ref().map(|m| &m.bytes[..]),
-    };
+    let wide = d.to_f64();
+    let x = wide.inputs();
     let dht = dht.map(|t| t.to_f64());
     let r = reference::backward(&p, &x, &d_o.to_f64(), dht.as_deref());
     let mut out = vec![("dq", r.dq), ("dk", r.dk), ("dv", r.dv), ("dg", r.dg), ("dbeta", r.dbeta)];
@@ -330,17 +321,8 @@ fn checkpoints_match_reference_and_stay_small() {
     let dev = d.upload(e);
     let (_, saved) = e.forward_train(&dev.inputs(c.cu_seqlens.as_deref()), &c.opts).expect("forward_train");
     let p = problem(&c, &d);
-    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
-    let h0 = d.h0.as_ref().map(|t| t.to_f64());
-    let x = RefInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        g: &g,
-        beta: &beta,
-        h0: h0.as_deref(),
-        mask: d.mask.as_ref().map(|m| &m.bytes[..]),
-    };
+    let wide = d.to_f64();
+    let x = wide.inputs();
     let every = saved.every();
     let want = reference::recurrent::checkpoints(&p, &x, every);
     let got = e.download(saved.checkpoints()).expect("download").to_f32();

@@ -5,7 +5,7 @@ use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use wgdelta::reference::{self, RefInputs};
+use wgdelta::reference;
 use wgdelta::*;
 
 fn tmp(name: &str) -> PathBuf {
@@ -128,9 +128,8 @@ fn gradient_case_matches_reference_and_is_deterministic() {
 
     let got = TensorFile::read(&o1).expect("read results");
     let p = problem(&c, &d);
-    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
-    let h0 = d.h0.as_ref().map(|t| t.to_f64());
-    let x = RefInputs { q: &q, k: &k, v: &v, g: &g, beta: &beta, h0: h0.as_deref(), mask: None };
+    let wide = d.to_f64();
+    let x = wide.inputs();
     let dht = dht.map(|t| t.to_f64());
     let rg = reference::backward(&p, &x, &d_o.to_f64(), dht.as_deref());
     let tol = 3e-4;

@@ -2,12 +2,11 @@
 //! sequence and head), and the backward that turns it and the upstream gradients into gradients for
 //! every input (`wgsl/recurrent_bwd.wgsl`, then `wgsl/reduce_partials.wgsl` in deterministic mode).
 
-use super::recurrent::{record, record_info, StateIo};
+use super::recurrent::record_info;
 use super::{Inputs, Outputs};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::kernels::backward::{reduce_partials_key, BackwardSpec, Params, ReduceParams, REDUCE_WG};
-use crate::kernels::recurrent::StateSrc;
 use crate::kernels::Accum;
 use crate::problem::{Algorithm, DType, GateKind, InputsMeta, Options, Problem};
 use crate::tensor::Tensor;
@@ -110,21 +109,9 @@ impl Engine {
             return Err(Error::Option { name: "checkpoint_every", why: format!("must be 1..=4096, got {every}") });
         }
         let nb = p.seqs.max_len().div_ceil(every);
-        let o = self.output("o", &[d.b, d.t, d.hv, d.v])?;
-        let ht = if p.output_final_state { Some(self.output("ht", &p.state_shape())?) } else { None };
         // Fresh buffers are zero-filled by wgpu: blocks past a shorter sequence's end stay zero.
         let ck = self.gpu.empty("wgdelta.checkpoints", &[p.n_seqs(), d.hv, nb, d.k, d.v], DType::F32)?;
-        let mut graph = self.graph();
-        let io = StateIo {
-            src: if x.h0.is_some() { StateSrc::H0 } else { StateSrc::Zeros },
-            h0: x.h0.map(|t| &t.buffer),
-            state: ht.as_ref().map(|t| &t.buffer),
-            store: ht.is_some(),
-            slots: None,
-            ckpt: Some((&ck.buffer, every as u32, nb as u32)),
-        };
-        record(self, &mut graph, &p, x, &o, io)?;
-        self.submit(graph)?;
+        let out = super::recurrent::forward(self, &p, x, Some((&ck.buffer, every as u32, nb as u32)))?;
         let saved = Saved {
             problem: p,
             opts: *opts,
@@ -139,7 +126,7 @@ impl Engine {
             checkpoints: ck,
             every,
         };
-        Ok((Outputs { o, ht }, saved))
+        Ok((out, saved))
     }
 
     /// The accumulation variant the backward of `p` uses on this engine.

@@ -143,7 +143,7 @@ impl Engine {
     pub fn forward(&self, x: &Inputs, opts: &Options) -> Result<Outputs> {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
         match plan(&p, &self.gpu.caps)? {
-            Plan::Recurrent => recurrent::forward(self, &p, x),
+            Plan::Recurrent => recurrent::forward(self, &p, x, None),
             Plan::Chunked { chunk } => chunked::forward(self, &p, x, chunk),
         }
     }

@@ -140,8 +140,14 @@ pub(crate) fn record(
     Ok(())
 }
 
-/// Forward by the recurrent kernel: `o`, and `ht` when asked.
-pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs) -> Result<Outputs> {
+/// Forward by the recurrent kernel: `o`, and `ht` when asked; with `ckpt` = (buffer, C, NB) also the
+/// state every C tokens of each sequence (the backward's checkpoints).
+pub(crate) fn forward(
+    eng: &Engine,
+    p: &Problem,
+    x: &Inputs,
+    ckpt: Option<(&wgpu::Buffer, u32, u32)>,
+) -> Result<Outputs> {
     let d = &p.dims;
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
@@ -152,7 +158,7 @@ pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs) -> Result<Outputs> 
         state: ht.as_ref().map(|t| &t.buffer),
         store: ht.is_some(),
         slots: None,
-        ckpt: None,
+        ckpt,
     };
     record(eng, &mut graph, p, x, &o, io)?;
     eng.submit(graph)?;

@@ -133,10 +133,7 @@ impl Case {
         let q = rng.normals(b * t * h * k);
         let mut kk: Vec<f64> = rng.normals(b * t * h * k).iter().map(|x| x / (k as f64).sqrt()).collect();
         if self.normalize_k {
-            for row in kk.chunks_mut(k) {
-                let n = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-                row.iter_mut().for_each(|x| *x /= n);
-            }
+            wgdelta::synth::normalize_rows(&mut kk, k);
         }
         let vv = rng.normals(b * t * hv * v);
         let gshape: Vec<usize> = match self.gate {
@@ -176,6 +173,47 @@ pub struct CaseData {
     pub beta: HostTensor,
     pub h0: Option<HostTensor>,
     pub mask: Option<HostTensor>,
+}
+
+/// A case's inputs widened to float64, owned, for the reference.
+pub struct RefData {
+    pub q: Vec<f64>,
+    pub k: Vec<f64>,
+    pub v: Vec<f64>,
+    pub g: Vec<f64>,
+    pub beta: Vec<f64>,
+    pub h0: Option<Vec<f64>>,
+    pub mask: Option<Vec<u8>>,
+}
+
+impl RefData {
+    /// Borrowed as the reference's inputs.
+    pub fn inputs(&self) -> RefInputs<'_> {
+        RefInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            g: &self.g,
+            beta: &self.beta,
+            h0: self.h0.as_deref(),
+            mask: self.mask.as_deref(),
+        }
+    }
+}
+
+impl CaseData {
+    /// The inputs exactly as the GPU sees them (already rounded to their dtype), in float64.
+    pub fn to_f64(&self) -> RefData {
+        RefData {
+            q: self.q.to_f64(),
+            k: self.k.to_f64(),
+            v: self.v.to_f64(),
+            g: self.g.to_f64(),
+            beta: self.beta.to_f64(),
+            h0: self.h0.as_ref().map(|t| t.to_f64()),
+            mask: self.mask.as_ref().map(|m| m.bytes.clone()),
+        }
+    }
 }
 
 /// Device copies of a case's inputs.
@@ -238,17 +276,8 @@ pub fn problem(c: &Case, d: &CaseData) -> Problem {
 /// The float64 reference forward of a case.
 pub fn reference_forward(c: &Case, d: &CaseData) -> reference::RefOutputs {
     let p = problem(c, d);
-    let (q, k, v, g, beta) = (d.q.to_f64(), d.k.to_f64(), d.v.to_f64(), d.g.to_f64(), d.beta.to_f64());
-    let h0 = d.h0.as_ref().map(|t| t.to_f64());
-    let x = RefInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        g: &g,
-        beta: &beta,
-        h0: h0.as_deref(),
-        mask: d.mask.as_ref().map(|m| &m.bytes[..]),
-    };
+    let wide = d.to_f64();
+    let x = wide.inputs();
     reference::forward(&p, &x)
 }
 
