@@ -215,8 +215,9 @@ impl Gpu {
             Vec::new()
         };
         let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            // SAFETY: we only use cooperative matrices through naga-validated WGSL with constant
-            // strides and let-bound pointers (the known naga caveats, see docs/ARCHITECTURE.md).
+            // SAFETY: enabling only makes the feature requestable; no kernel uses cooperative
+            // matrices yet. Kernels that do must bind coopLoad/coopStore pointers to `let`s and use
+            // constant strides (naga 30's SPIR-V writer panics otherwise, ../shared/DEVICE.md).
             unsafe { wgpu::ExperimentalFeatures::enabled() }
         } else {
             wgpu::ExperimentalFeatures::disabled()
