@@ -3,7 +3,7 @@
 
 use crate::device::{Gpu, GpuOptions};
 use crate::error::Result;
-use crate::graph::{PassGraph, PassTime, PendingTimes, Pool};
+use crate::graph::{PassGraph, PassTime, PendingTimes, Pool, Profile, Recorded};
 use crate::kernels::recurrent::Tiles;
 use crate::kernels::{Accum, KernelCache};
 use crate::problem::DType;
@@ -16,8 +16,9 @@ pub struct Settings {
     /// Fill outputs with NaN before kernels run, so an element a kernel fails to write cannot pass a
     /// comparison. `None`: on when shader bounds checks are on (debug and test builds).
     pub poison_outputs: Option<bool>,
-    /// Record per-pass GPU time with timestamp queries (read it with [`Engine::last_profile`]).
-    pub profile: bool,
+    /// GPU time from timestamp queries, per pass or per submission (read it with
+    /// [`Engine::last_profile`] or [`Engine::take_profiles`]).
+    pub profile: Profile,
     /// Force the recurrent kernels' tiling (tests and tuning); invalid values are rejected.
     pub recurrent_tiles: Option<Tiles>,
     /// Scratch bytes the chunked forward may hold for one window of chunks; longer inputs are
@@ -42,6 +43,8 @@ pub struct Engine {
     pub(crate) dummy_write: wgpu::Buffer,
     /// Timestamps of profiled calls not yet read back (oldest first).
     profile: Mutex<Vec<PendingTimes>>,
+    /// While [`Engine::batch`] runs: the calls recorded so far, submitted together at its end.
+    batch: Mutex<Option<Recorded>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -81,6 +84,7 @@ impl Engine {
             dummy_read,
             dummy_write,
             profile: Mutex::new(Vec::new()),
+            batch: Mutex::new(None),
         }
     }
 
@@ -97,6 +101,7 @@ impl Engine {
     /// Per-pass GPU times of the last call, when [`Settings::profile`] is on and the adapter has
     /// timestamp queries.
     pub fn last_profile(&self) -> Option<Vec<PassTime>> {
+        self.flush().ok()?;
         let last = self.profile.lock().ok().and_then(|mut p| p.drain(..).next_back())?;
         last.read(&self.gpu).ok()
     }
@@ -104,6 +109,7 @@ impl Engine {
     /// Per-pass GPU times of every profiled call since the last read, oldest first. Profiled
     /// calls do not wait for the GPU; this does, once.
     pub fn take_profiles(&self) -> Result<Vec<Vec<PassTime>>> {
+        self.flush()?;
         let pending: Vec<PendingTimes> = self.profile.lock().map(|mut p| p.drain(..).collect()).unwrap_or_default();
         pending.iter().map(|p| p.read(&self.gpu)).collect()
     }
@@ -120,19 +126,104 @@ impl Engine {
 
     /// Downloads a device tensor (waits for submitted work).
     pub fn download(&self, t: &Tensor) -> Result<HostTensor> {
+        self.flush()?;
         self.gpu.download(t)
     }
 
     /// Waits until all work submitted so far has finished.
     pub fn sync(&self) -> Result<()> {
+        self.flush()?;
         self.gpu.wait()
+    }
+
+    /// Runs `f` with every call it makes on this engine recorded into one command buffer, submitted
+    /// once when `f` returns (also when it fails: the calls that were recorded still run). A model's
+    /// layers decoding one token each then cost one submission, and the GPU runs them back to back.
+    ///
+    /// Anything that needs finished results inside `f` ([`Engine::download`], [`Engine::sync`])
+    /// first submits what is recorded so far, so a batch never changes results, only when work is
+    /// handed to the GPU. Nested batches join the outermost one.
+    ///
+    /// ```no_run
+    /// # fn main() -> wgdelta::Result<()> {
+    /// # let eng = wgdelta::Engine::new()?;
+    /// # let layers: Vec<(wgdelta::Inputs, wgdelta::Tensor)> = Vec::new();
+    /// let opts = wgdelta::Options::default();
+    /// let outs = eng.batch(|| layers.iter().map(|(x, pool)| eng.decode(x, pool, &[0], &opts)).collect::<Result<Vec<_>, _>>())?;
+    /// # Ok(()) }
+    /// ```
+    pub fn batch<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let outer = match self.batch.lock() {
+            Ok(mut b) if b.is_none() => {
+                *b = Some(Recorded::default());
+                true
+            }
+            _ => false,
+        };
+        // Closes the batch even if `f` panics, so later calls are not deferred forever.
+        struct Close<'a>(&'a Engine, bool);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    let _ = self.0.close_batch();
+                }
+            }
+        }
+        let mut guard = Close(self, outer);
+        let r = f();
+        if outer {
+            guard.1 = false;
+            let closed = self.close_batch();
+            let r = r?;
+            closed?;
+            return Ok(r);
+        }
+        r
+    }
+
+    /// Submits what the open batch holds and ends it.
+    fn close_batch(&self) -> Result<()> {
+        let rec = self.batch.lock().ok().and_then(|mut b| b.take());
+        match rec {
+            Some(rec) => self.submit_recorded(rec),
+            None => Ok(()),
+        }
+    }
+
+    /// Submits what the open batch holds so far and keeps it open (results are about to be read).
+    fn flush(&self) -> Result<()> {
+        let rec = self.batch.lock().ok().and_then(|mut b| b.as_mut().map(std::mem::take));
+        match rec {
+            Some(rec) => self.submit_recorded(rec),
+            None => Ok(()),
+        }
+    }
+
+    fn submit_recorded(&self, rec: Recorded) -> Result<()> {
+        let mut g = self.graph();
+        g.append(rec);
+        self.submit_now(g)
     }
 
     pub(crate) fn graph(&self) -> PassGraph<'_> {
         PassGraph::new(&self.gpu, &self.kernels, &self.pool)
     }
 
+    /// Submits a call's graph, or adds it to the open batch.
     pub(crate) fn submit(&self, graph: PassGraph<'_>) -> Result<()> {
+        if let Ok(mut b) = self.batch.lock() {
+            if let Some(rec) = b.as_mut() {
+                let mut all = self.graph();
+                all.append(std::mem::take(rec));
+                all.append(graph.into_recorded());
+                *rec = all.into_recorded();
+                return Ok(());
+            }
+        }
+        self.submit_now(graph)
+    }
+
+    fn submit_now(&self, graph: PassGraph<'_>) -> Result<()> {
         if let Some(times) = graph.submit(self.settings.profile)? {
             if let Ok(mut p) = self.profile.lock() {
                 p.push(times);

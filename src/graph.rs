@@ -162,21 +162,38 @@ impl<'a> PassGraph<'a> {
         self.steps.iter().filter(|s| matches!(s, Step::Pass { .. })).count()
     }
 
-    /// Encodes every step into one encoder and submits once. With `timed` (and an adapter with
-    /// timestamp queries) waits for completion and returns each pass's GPU time.
-    pub fn submit(self, timed: bool) -> Result<Option<PendingTimes>> {
+    /// Appends another graph's recorded steps (and the scratch they hold) after this one's.
+    pub(crate) fn append(&mut self, other: Recorded) {
+        self.steps.extend(other.steps);
+        self.scratch.extend(other.scratch);
+    }
+
+    /// The recorded steps and the scratch they hold, to be submitted later with another graph.
+    pub(crate) fn into_recorded(self) -> Recorded {
+        Recorded { steps: self.steps, scratch: self.scratch }
+    }
+
+    /// Encodes every step into one encoder and submits once. With a profile (and an adapter with
+    /// timestamp queries) returns the pending GPU times: per pass, or one span for the whole graph.
+    pub fn submit(self, profile: Profile) -> Result<Option<PendingTimes>> {
         let gpu = self.gpu;
-        let timed = timed && gpu.caps.timestamp && self.passes() > 0;
         let n_pass = self.passes() as u32;
-        let queries = if timed {
+        let profile = if gpu.caps.timestamp && n_pass > 0 { profile } else { Profile::Off };
+        let per_pass = profile == Profile::Passes;
+        let n_times = match profile {
+            Profile::Off => 0,
+            Profile::Passes => n_pass,
+            Profile::Submission => 1,
+        };
+        let queries = if n_times > 0 {
             let qs = gpu.scoped("wgdelta.timestamps", || {
                 gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
                     label: Some("wgdelta.timestamps"),
                     ty: wgpu::QueryType::Timestamp,
-                    count: 2 * n_pass,
+                    count: 2 * n_times,
                 })
             })?;
-            let size = 16 * n_pass as u64;
+            let size = 16 * n_times as u64;
             let resolve = gpu.scoped("wgdelta.timestamps", || {
                 gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("wgdelta.timestamps.resolve"),
@@ -189,19 +206,23 @@ impl<'a> PassGraph<'a> {
         } else {
             None
         };
+        let last_pass = self.steps.iter().rposition(|s| matches!(s, Step::Pass { .. })).unwrap_or(0);
         let mut labels = Vec::new();
+        if profile == Profile::Submission {
+            labels.push("wgdelta.submission");
+        }
         let encoded = gpu.scoped("wgdelta.graph", || {
             let mut enc =
                 gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wgdelta.graph") });
             let mut pass_i = 0u32;
+            let mut first = true;
             let mut i = 0;
             while i < self.steps.len() {
                 match &self.steps[i] {
                     Step::Pass { .. } => {
-                        // Untimed, a run of consecutive dispatches shares one compute pass (wgpu
-                        // still orders dependent dispatches); timed, each dispatch is its own pass
-                        // so its timestamps bracket it alone.
-                        let end = if queries.is_some() {
+                        // A run of consecutive dispatches shares one compute pass (wgpu still
+                        // orders dependent dispatches), except when each pass is timed alone.
+                        let end = if per_pass {
                             i + 1
                         } else {
                             self.steps[i..]
@@ -213,11 +234,20 @@ impl<'a> PassGraph<'a> {
                             Step::Pass { label, .. } => *label,
                             _ => "wgdelta.pass",
                         };
-                        let tw = queries.as_ref().map(|(qs, _, _)| wgpu::ComputePassTimestampWrites {
-                            query_set: qs,
-                            beginning_of_pass_write_index: Some(2 * pass_i),
-                            end_of_pass_write_index: Some(2 * pass_i + 1),
+                        let tw = queries.as_ref().and_then(|(qs, _, _)| {
+                            let (begin, stop) = if per_pass {
+                                (Some(2 * pass_i), Some(2 * pass_i + 1))
+                            } else {
+                                // One span: from the first pass's start to the last pass's end.
+                                (first.then_some(0), (last_pass < end).then_some(1))
+                            };
+                            (begin.is_some() || stop.is_some()).then_some(wgpu::ComputePassTimestampWrites {
+                                query_set: qs,
+                                beginning_of_pass_write_index: begin,
+                                end_of_pass_write_index: stop,
+                            })
                         });
+                        first = false;
                         let mut cp = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                             label: Some(first_label),
                             timestamp_writes: tw,
@@ -227,7 +257,9 @@ impl<'a> PassGraph<'a> {
                                 cp.set_pipeline(pipeline);
                                 cp.set_bind_group(0, bind_group, &[]);
                                 cp.dispatch_workgroups(grid[0], grid[1], grid[2]);
-                                labels.push(*label);
+                                if per_pass {
+                                    labels.push(*label);
+                                }
                                 pass_i += 1;
                             }
                         }
@@ -245,7 +277,7 @@ impl<'a> PassGraph<'a> {
                 }
             }
             if let Some((qs, resolve, _)) = &queries {
-                enc.resolve_query_set(qs, 0..2 * n_pass, resolve, 0);
+                enc.resolve_query_set(qs, 0..2 * n_times, resolve, 0);
             }
             enc.finish()
         })?;
@@ -253,6 +285,27 @@ impl<'a> PassGraph<'a> {
         self.pool.give_back(self.scratch);
         Ok(queries.map(|(_, resolve, size)| PendingTimes { labels, resolve, size }))
     }
+}
+
+/// What GPU time a submission records (timestamp queries; ignored where the adapter has none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Profile {
+    /// No timestamps.
+    #[default]
+    Off,
+    /// Each dispatch in its own compute pass, timed alone: the per-pass breakdown.
+    Passes,
+    /// One span per submission, from the start of its first pass to the end of its last, with
+    /// dispatches sharing passes as in untimed runs. A [`crate::Engine::batch`] of calls is one
+    /// submission, so this is the per-op time of a repeated graph, without per-pass timestamp cost.
+    Submission,
+}
+
+/// Steps recorded by a graph but not yet submitted, with the scratch they hold (a batch).
+#[derive(Default)]
+pub(crate) struct Recorded {
+    steps: Vec<Step>,
+    scratch: Vec<Scratch>,
 }
 
 /// Timestamps of a submitted graph, not yet read back (reading waits for the GPU, so callers that

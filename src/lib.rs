@@ -47,6 +47,7 @@ pub mod tensor;
 pub use device::{Caps, Gpu, GpuOptions};
 pub use engine::{Engine, Settings};
 pub use error::{Error, Result};
+pub use graph::Profile;
 pub use kernels::Accum;
 pub use ops::backward::{Grads, Saved};
 pub use ops::{Inputs, Outputs};

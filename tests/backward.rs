@@ -22,7 +22,7 @@ fn engine_with(accum: Accum, every: Option<usize>, no_subgroups: bool) -> Engine
             accum: Some(accum),
             checkpoint_every: every,
             // Per-pass labels, to see which passes ran.
-            profile: true,
+            profile: wgdelta::Profile::Passes,
             ..Default::default()
         },
     )

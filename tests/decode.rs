@@ -296,3 +296,69 @@ fn errors_leave_pool_untouched() {
     println!("[decode errors] good call afterwards: o {eo:.2e}");
     assert!(eo <= 1e-4);
 }
+
+/// `Engine::batch`: T decode calls recorded into one submission give bit-identical outputs and
+/// pool to the same calls submitted one by one; a download inside the batch sees the calls recorded
+/// before it; a failing call inside the batch returns its error and the calls before it still run;
+/// `Profile::Submission` times the batch as one span.
+#[test]
+fn batch_equals_unbatched() {
+    let gpu = engine().gpu().clone();
+    let e = Engine::with_settings(
+        gpu.clone(),
+        Settings { profile: Profile::Submission, poison_outputs: Some(true), ..Default::default() },
+    );
+    let t = 6;
+    let c = case(2, t, 1, 2, 32, 16, Options::default());
+    let s = Scenario { case: c.clone(), pool_slots: 4, slots: vec![3, 1] };
+    let pool_h = s.pool();
+    let d = s.data(&pool_h);
+    let steps: Vec<[Tensor; 5]> = (0..t)
+        .map(|step| {
+            let up = |name: &str, x: &HostTensor| e.upload(name, &slice_tokens(x, step, step + 1)).unwrap();
+            [up("q", &d.q), up("k", &d.k), up("v", &d.v), up("g", &d.g), up("beta", &d.beta)]
+        })
+        .collect();
+    fn inputs(st: &[Tensor; 5]) -> Inputs<'_> {
+        Inputs::new(&st[0], &st[1], &st[2], &st[3], &st[4])
+    }
+    let run_all = |pool: &Tensor| -> Result<Vec<Tensor>> {
+        steps.iter().map(|st| e.decode(&inputs(st), pool, &s.slots, &c.opts)).collect()
+    };
+
+    let pool_a = e.upload("pool", &pool_h).unwrap();
+    let outs_a: Vec<Tensor> = run_all(&pool_a).unwrap();
+    e.take_profiles().unwrap();
+    let pool_b = e.upload("pool", &pool_h).unwrap();
+    let (outs_b, mid) = e
+        .batch(|| {
+            let outs: Vec<Tensor> = run_all(&pool_b)?;
+            // Read inside the batch: the recorded calls are submitted first.
+            let mid = e.download(&pool_b)?;
+            Ok((outs, mid))
+        })
+        .unwrap();
+    let profiles = e.take_profiles().unwrap();
+    let pool_a_h = e.download(&pool_a).unwrap();
+    assert!(mid.bytes == pool_a_h.bytes, "download inside a batch did not see the recorded calls");
+    for (i, (a, b)) in outs_a.iter().zip(&outs_b).enumerate() {
+        assert!(e.download(a).unwrap().bytes == e.download(b).unwrap().bytes, "step {i}: batched o differs");
+    }
+    assert!(e.download(&pool_b).unwrap().bytes == pool_a_h.bytes, "batched pool differs");
+    if gpu.caps().timestamp {
+        // The calls before the download form one submission, timed as one span.
+        assert_eq!(profiles.len(), 1, "{profiles:?}");
+        assert_eq!(profiles[0].len(), 1, "{profiles:?}");
+        assert!(profiles[0][0].ns > 0.0, "{profiles:?}");
+    }
+
+    // A failing call inside a batch: its error comes back; the call before it still ran.
+    let pool_c = e.upload("pool", &pool_h).unwrap();
+    let r = e.batch(|| {
+        e.decode(&inputs(&steps[0]), &pool_c, &s.slots, &c.opts)?;
+        e.decode(&inputs(&steps[1]), &pool_c, &[9, 1], &c.opts)
+    });
+    assert!(matches!(r, Err(Error::SlotOutOfRange { index: 9, .. })), "{r:?}");
+    let after = e.download(&pool_c).unwrap();
+    assert!(after.bytes != pool_h.bytes, "the call recorded before the failing one did not run");
+}

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// every case. Default: the device's own choice.
     #[arg(long)]
     pub tiles: Option<String>,
+    /// Calls recorded into one submission (`Engine::batch`) and timed as one span; figures are per
+    /// call. ggml's per-op figures come from a graph that repeats the op like this.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Override heads/dims: H, HV, K, V.
     #[arg(long, num_args = 4, value_names = ["H", "HV", "K", "V"])]
     pub heads: Option<Vec<usize>>,
@@ -159,7 +163,11 @@ pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
         }
         let timed = Engine::with_settings(
             gpu.clone(),
-            Settings { profile: true, recurrent_tiles: tiles, ..Default::default() },
+            Settings {
+                profile: if a.batch > 1 { wgdelta::Profile::Submission } else { wgdelta::Profile::Passes },
+                recurrent_tiles: tiles,
+                ..Default::default()
+            },
         );
         let plain = Engine::with_settings(gpu.clone(), Settings { recurrent_tiles: tiles, ..Default::default() });
         for case in preset(&a.preset) {
@@ -237,7 +245,7 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
         if problem.is_none() {
             problem = Some(Problem::new(&x.meta(), None, &opts, false)?);
         }
-        let call = || -> wgdelta::Result<()> {
+        let one = || -> wgdelta::Result<()> {
             match (&pool, &upstream) {
                 (Some(p), _) => eng.decode(&x, p, &slots, &opts).map(drop),
                 (None, Some((d_o, dht))) => {
@@ -246,6 +254,13 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
                 }
                 (None, None) => eng.forward(&x, &opts).map(drop),
             }
+        };
+        let reps = a.batch.max(1);
+        let call = || -> wgdelta::Result<()> {
+            if reps == 1 {
+                return one();
+            }
+            eng.batch(|| (0..reps).try_for_each(|_| one()))
         };
         // Warm up: compile, and run the GPU long enough (>= 0.3 s) that its clocks settle.
         let t0 = Instant::now();
@@ -267,10 +282,11 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
             eng.sync()?;
             // One entry per submission; a training call submits twice (forward, backward).
             let per_call = if train { 2 } else { 1 };
-            for call in eng.take_profiles()?.chunks(per_call) {
+            let per = if reps > 1 { 1 } else { per_call };
+            for call in eng.take_profiles()?.chunks(per) {
                 let p: Vec<_> = call.iter().flatten().collect();
-                gpu_ms.push(p.iter().map(|x| x.ns).sum::<f64>() * 1e-6);
-                passes.push(p.iter().map(|x| (x.label.to_string(), x.ns * 1e-6)).collect());
+                gpu_ms.push(p.iter().map(|x| x.ns).sum::<f64>() * 1e-6 / reps as f64);
+                passes.push(p.iter().map(|x| (x.label.to_string(), x.ns * 1e-6 / reps as f64)).collect());
             }
         } else {
             // Throughput: back-to-back calls, one wait at the end.
@@ -279,13 +295,13 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
                 call()?;
             }
             eng.sync()?;
-            wall_ms.push(t0.elapsed().as_secs_f64() * 1e3 / a.runs as f64);
+            wall_ms.push(t0.elapsed().as_secs_f64() * 1e3 / (a.runs * reps) as f64);
             // Latency: each call waited for.
             for _ in 0..a.runs.min(50) {
                 let t0 = Instant::now();
                 call()?;
                 eng.sync()?;
-                latency_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                latency_ms.push(t0.elapsed().as_secs_f64() * 1e3 / reps as f64);
             }
         }
     }

@@ -37,7 +37,7 @@ pub fn run(a: &DemoArgs) -> wgdelta::Result<()> {
     let gpu = wgdelta::Gpu::new()?;
     let info = gpu.adapter_info().clone();
     let software = info.device_type == wgpu::DeviceType::Cpu;
-    let eng = Engine::with_settings(gpu, Settings { profile: true, ..Default::default() });
+    let eng = Engine::with_settings(gpu, Settings { profile: wgdelta::Profile::Passes, ..Default::default() });
     let t = a.t.unwrap_or(if software { 256 } else { 4096 });
     let d = Dims { b: 1, t, h: 16, hv: 32, k: 128, v: 128 };
     println!("wgdelta demo: gated delta rule, Qwen3.5 linear-attention shape");
