@@ -133,6 +133,19 @@ fn head_dim_128() {
     check_both(e, &Case { dtype: DType::F16, ..Case::new(1, 65, 1, 1, 64, 128) }, &[16]);
 }
 
+/// Head dims beyond 128, and ones that are not powers of two (the state walk stages k in slices
+/// of 2048 / K rows, w in slices of 16 columns).
+#[test]
+fn head_dims() {
+    let e = engine();
+    for (i, (k, v, chunk)) in
+        [(256, 32, 64), (48, 32, 64), (192, 16, 32), (16, 256, 16), (80, 48, 64)].into_iter().enumerate()
+    {
+        let c = Case { h0: true, seed: 40 + i as u64, ..Case::new(1, 70, 1, 2, k, v) };
+        check_both(e, &c, &[chunk]);
+    }
+}
+
 /// An engine whose chunked forward walks small windows of chunks (state carried between them).
 fn engine_small_windows() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
@@ -306,7 +319,7 @@ fn production_shape() {
 #[ignore]
 fn profile_passes() {
     let gpu = Gpu::with_options(&GpuOptions::default()).expect("adapter");
-    let e = Engine::with_settings(gpu, Settings { profile: true, ..Default::default() });
+    let e = Engine::with_settings(gpu, Settings { profile: wgdelta::Profile::Passes, ..Default::default() });
     let c = Case { dtype: DType::BF16, ..Case::new(1, 2048, 2, 4, 128, 128) };
     let d = c.data();
     let dev = d.upload(&e);

@@ -19,6 +19,7 @@
 @group(0) @binding(5) var<storage, read_write> a: array<f32>;
 
 const BK: u32 = 16u;
+const BKP: u32 = BK + 1u; // padded row stride of the staged slice (no bank conflicts)
 const MAX_GE: u32 = 16u; // entries of G per thread: C*C/WG <= 4096/256
 
 var<workgroup> buf: array<f32, TILE>;
@@ -35,7 +36,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ch = chunk_at(lc);
     let ne = (C * C) / WG;
 
-    // G = K K^T, K-slices of BK staged as buf[i * BK + m].
+    // G = K K^T, K-slices of BK staged as buf[i * BKP + m].
     var gram: array<f32, MAX_GE>;
     for (var x = 0u; x < MAX_GE; x++) {
         gram[x] = 0.0;
@@ -47,7 +48,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (i < ch.y) {
                 val = ld_k(((ch.x + i) * H + hk) * K + m0 + e % BK);
             }
-            buf[e] = val;
+            buf[i * BKP + e % BK] = val;
         }
         workgroupBarrier();
         for (var x = 0u; x < ne; x++) {
@@ -56,7 +57,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let j = e % C;
             var acc = gram[x];
             for (var m = 0u; m < BK; m++) {
-                acc += buf[i * BK + m] * buf[j * BK + m];
+                acc += buf[i * BKP + m] * buf[j * BKP + m];
             }
             gram[x] = acc;
         }

@@ -6,12 +6,13 @@
 // Output o [rows, HV, V] (f32), rows of the chunk only.
 //
 // Grid: (HV * V / BVO, local chunks on y/z).
-// Tiling: the causal, decay-masked P = Q K^T ∘ Γ (C x C) is built first (K-slices of q and k staged
-// in workgroup memory, C*C/WG entries of P per thread in registers), then kept in workgroup memory.
-// The output tile is one product over a contraction of K + C terms,
+// Tiling: the causal, decay-masked P = Q K^T ∘ Γ (C x C) is built first, each thread owning a 4x4
+// block in registers (K-slices of q and k staged transposed in workgroup memory as vec4 over rows),
+// then kept transposed in workgroup memory. The output tile is one product over K + C terms,
 //     o[:, tile] = [exp(gc) ∘ Q | P] [S[:, tile] ; v_new[:, tile]]
-// taken in slices of BS terms (left slice C x BS, right slice BS x BVO in workgroup memory); each
-// thread accumulates TM rows x 4 columns of the tile in registers.
+// taken in slices of BS terms; each thread accumulates 4 rows x 4 columns with two vec4 reads of
+// workgroup memory per 16 FMAs. Rows of the transposed slices are padded by one vec4 (CP), so
+// staging writes spread over banks.
 
 @group(0) @binding(2) var<storage, read> q: array<u32>;
 @group(0) @binding(3) var<storage, read> k: array<u32>;
@@ -20,16 +21,24 @@
 @group(0) @binding(6) var<storage, read> vn: array<f32>;
 @group(0) @binding(7) var<storage, read_write> o: array<f32>;
 
-const BS: u32 = 16u;        // contraction slice
-const SLICE: u32 = 1024u;   // C * BS and BS * BVO <= SLICE
-const MAX_ACC: u32 = 16u;
+const BS: u32 = 16u;   // contraction slice
+const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BVO / 4 <= 16, plus one
 
-var<workgroup> pm: array<f32, TILE>;   // P[i, j] at i * C + j
-var<workgroup> ls: array<f32, SLICE>;  // left slice [i, kk] at i * BS + kk
-var<workgroup> rs: array<f32, SLICE>;  // right slice [kk, c] at kk * BVO + c
+var<workgroup> lq: array<vec4<f32>, 272>;   // left slice, [kk][i / 4] at kk * CP + i / 4
+var<workgroup> rk: array<vec4<f32>, 272>;   // right slice, [kk][c / 4] (k rows for P, else S / v_new)
+var<workgroup> pt: array<vec4<f32>, 1088>;  // P^T, [j][i / 4] at j * CP + i / 4
+var<workgroup> gcs: array<f32, 64>;         // gc of the chunk's rows (0 past its end)
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+
+// a (4 rows) x b (4 columns), accumulated into acc.
+fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
+    (*acc)[0] += a.x * b;
+    (*acc)[1] += a.y * b;
+    (*acc)[2] += a.z * b;
+    (*acc)[3] += a.w * b;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -43,59 +52,56 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * C;
-
-    // P = Q K^T over K-slices; q slice in ls, k slice in rs (both C x BS).
-    let ne = (C * C) / WG;
-    var pacc: array<f32, MAX_ACC>;
-    for (var x = 0u; x < MAX_ACC; x++) {
-        pacc[x] = 0.0;
+    if (lid < C) {
+        gcs[lid] = select(0.0, gc[hb + lid], lid < ch.y);
     }
+
+    // P = Q K^T: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4.
+    let q4 = C / 4u;
+    let ti = lid / q4;
+    let tj = lid % q4;
+    var pacc: array<vec4<f32>, 4>;
     for (var m0 = 0u; m0 < K; m0 += BS) {
+        workgroupBarrier();
         for (var e = lid; e < C * BS; e += WG) {
             let i = e / BS;
+            let kk = e % BS;
             var qv = 0.0;
             var kv = 0.0;
             if (i < ch.y) {
-                let at = ((ch.x + i) * H + hk) * K + m0 + e % BS;
+                let at = ((ch.x + i) * H + hk) * K + m0 + kk;
                 qv = ld_q(at);
                 kv = ld_k(at);
             }
-            ls[e] = qv;
-            rs[e] = kv;
+            lq[kk * CP + i / 4u][i % 4u] = qv;
+            rk[kk * CP + i / 4u][i % 4u] = kv;
         }
         workgroupBarrier();
-        for (var x = 0u; x < ne; x++) {
-            let e = lid + WG * x;
-            let i = e / C;
-            let j = e % C;
-            var acc = pacc[x];
+        if (ti < q4) {
             for (var kk = 0u; kk < BS; kk++) {
-                acc += ls[i * BS + kk] * rs[j * BS + kk];
+                outer4(&pacc, lq[kk * CP + ti], rk[kk * CP + tj]);
             }
-            pacc[x] = acc;
         }
-        workgroupBarrier();
     }
-    for (var x = 0u; x < ne; x++) {
-        let e = lid + WG * x;
-        let i = e / C;
-        let j = e % C;
-        var val = 0.0;
-        if (j <= i && i < ch.y) {
-            val = pacc[x] * exp(gc[hb + i] - gc[hb + j]);
+    if (ti < q4) {
+        for (var a = 0u; a < 4u; a++) {
+            let i = ti * 4u + a;
+            for (var b = 0u; b < 4u; b++) {
+                let j = tj * 4u + b;
+                var val = 0.0;
+                if (j <= i && i < ch.y) {
+                    val = pacc[a][b] * exp(gcs[i] - gcs[j]);
+                }
+                pt[j * CP + ti][a] = val;
+            }
         }
-        pm[e] = val;
     }
 
-    // Output tile: thread (tr, tc) owns rows tr*TM .. +TM, columns tc*4 .. +4.
-    let tm = max(1u, (C * BVO) / (4u * WG));
+    // Output tile: thread (tr, tc) owns rows tr*4 .. +4, columns tc*4 .. +4.
     let tc = lid % (BVO / 4u);
     let tr = lid / (BVO / 4u);
-    let in_tile = tr * tm < C;
-    var acc: array<f32, MAX_ACC>;
-    for (var x = 0u; x < MAX_ACC; x++) {
-        acc[x] = 0.0;
-    }
+    let in_tile = tr < q4;
+    var acc: array<vec4<f32>, 4>;
     let sb = (lc * HV + hv) * K * V + j0;
     for (var s0 = 0u; s0 < K + C; s0 += BS) {
         workgroupBarrier();
@@ -104,46 +110,42 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let i = e / BS;
                 var x = 0.0;
                 if (i < ch.y) {
-                    x = exp(gc[hb + i]) * ld_q(((ch.x + i) * H + hk) * K + s0 + e % BS);
+                    x = exp(gcs[i]) * ld_q(((ch.x + i) * H + hk) * K + s0 + e % BS);
                 }
-                ls[e] = x;
+                lq[(e % BS) * CP + i / 4u][i % 4u] = x;
             }
             for (var e = lid; e < BS * BVO; e += WG) {
-                rs[e] = h[sb + (s0 + e / BVO) * V + e % BVO];
+                let c = e % BVO;
+                rk[(e / BVO) * CP + c / 4u][c % 4u] = h[sb + (s0 + e / BVO) * V + c];
             }
         } else {
             for (var e = lid; e < BS * BVO; e += WG) {
-                rs[e] = vn[(hb + s0 - K + e / BVO) * V + j0 + e % BVO];
+                let c = e % BVO;
+                rk[(e / BVO) * CP + c / 4u][c % 4u] = vn[(hb + s0 - K + e / BVO) * V + j0 + c];
             }
         }
         workgroupBarrier();
         if (in_tile) {
-            for (var kk = 0u; kk < BS; kk++) {
-                let b = vec4<f32>(rs[kk * BVO + tc * 4u], rs[kk * BVO + tc * 4u + 1u], rs[kk * BVO + tc * 4u + 2u], rs[kk * BVO + tc * 4u + 3u]);
-                for (var r = 0u; r < tm; r++) {
-                    let i = tr * tm + r;
-                    var av = 0.0;
-                    if (s0 < K) {
-                        av = ls[i * BS + kk];
-                    } else {
-                        av = pm[i * C + s0 - K + kk];
-                    }
-                    acc[4u * r] += av * b.x;
-                    acc[4u * r + 1u] += av * b.y;
-                    acc[4u * r + 2u] += av * b.z;
-                    acc[4u * r + 3u] += av * b.w;
+            if (s0 < K) {
+                for (var kk = 0u; kk < BS; kk++) {
+                    outer4(&acc, lq[kk * CP + tr], rk[kk * CP + tc]);
+                }
+            } else {
+                for (var kk = 0u; kk < BS; kk++) {
+                    outer4(&acc, pt[(s0 - K + kk) * CP + tr], rk[kk * CP + tc]);
                 }
             }
         }
     }
     if (in_tile) {
-        for (var r = 0u; r < tm; r++) {
-            let i = tr * tm + r;
+        for (var a = 0u; a < 4u; a++) {
+            let i = tr * 4u + a;
             if (i < ch.y) {
                 let row = ch.x + i;
                 let live_row = live(row);
+                let ob = (row * HV + hv) * V + j0 + tc * 4u;
                 for (var cc = 0u; cc < 4u; cc++) {
-                    o[(row * HV + hv) * V + j0 + tc * 4u + cc] = select(0.0, P.scale * acc[4u * r + cc], live_row);
+                    o[ob + cc] = select(0.0, P.scale * acc[a][cc], live_row);
                 }
             }
         }

@@ -11,8 +11,12 @@
 //
 // Grid: (HV * V / BV, sequences on y/z): sequential over chunks, parallel over sequences, heads and
 // tiles of BV value columns. The K x BV state tile and the chunk's C x BV v_new tile live in
-// workgroup memory. v_new: thread (i, column group) computes 4 columns of row i (one w load per 4
-// FMAs); the update: thread (row group, column group) owns RM rows x 4 columns of S in registers.
+// workgroup memory; the chunk's w and k are staged through `stg` in slices (coalesced global reads,
+// bf16/f16 decoded once), so the inner loops read only workgroup memory. A chunk's w and k are
+// read from global memory into registers all at once at the start of its step.
+//   v_new: thread (row i, column group) computes 4 columns of row i over K in slices of KS.
+//   update: thread (row group, column group) owns RM rows x 4 columns of S in registers and sums
+//   over the chunk's rows in slices of IS rows of k (pre-scaled by exp(gc_last - gc_i)).
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
@@ -23,8 +27,18 @@
 @group(0) @binding(8) var<storage, read_write> vn: array<f32>;
 @group(0) @binding(9) var<storage, read_write> state: array<f32>;
 
-var<workgroup> s: array<f32, TILE>;   // S[m, c] at m * BV + c
-var<workgroup> vt: array<f32, 1024>;  // v_new[i, c] at i * BV + c (C * BV <= 1024, host-checked)
+const KS: u32 = 16u;         // w slice: C rows x KS columns, row stride KS + 1 (no bank conflicts)
+const STG: u32 = 2048u;      // staging floats: C * (KS + 1) and IS * K fit
+override IS: u32 = min(C, 2048u / K);  // k slice rows (K <= 256: at least 8; C is a power of two)
+override NWS: u32 = K / KS;                 // w slices
+override NWY: u32 = C * KS / WG;            // w elements per thread per slice (C / 16: 1..4)
+override NKS: u32 = (C + IS - 1u) / IS;     // k slices (the last may be partial)
+override NKX: u32 = (IS * K + WG - 1u) / WG; // k elements per thread per slice (<= 8)
+// NWS * NWY <= 64 and NKS * NKX <= 64 for K <= 256, C <= 64: the register prefetch arrays.
+
+var<workgroup> s: array<vec4<f32>, TILE / 4u>;   // S[m, c] at [m * BV / 4 + c / 4][c % 4]
+var<workgroup> vt: array<vec4<f32>, 256>;       // v_new[i, c] likewise (C * BV <= 1024, host-checked)
+var<workgroup> stg: array<f32, STG>;
 var<workgroup> fac: array<f32, 64>;   // exp(gc_last - gc_i)
 var<workgroup> seq_range: vec3<u32>;
 
@@ -62,11 +76,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         } else if (HAS_H0) {
             x = h0[src];
         }
-        s[e] = x;
+        s[e / 4u][e % 4u] = x;
     }
-    workgroupBarrier();
 
+    let cg = lid % (BV / 4u);
+    let c4 = cg * 4u;
+    let vi = lid / (BV / 4u);          // v_new row (rows >= C idle)
+    let rm = (K * (BV / 4u) + WG - 1u) / WG; // update rows per thread: ceil(K / (WG / (BV / 4))) <= 4
+    let rg = lid / (BV / 4u);
+    let kmax = K - 1u;
     for (var lc = r.x; lc < r.y; lc++) {
+        workgroupBarrier(); // S (and vt, stg, fac) of the previous chunk are complete
         let ch = chunk_at(lc);
         let hb = (lc * HV + hv) * C;
         let gl = gc[hb + ch.y - 1u];
@@ -75,61 +95,94 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         let hbase = (lc * HV + hv) * K * V + j0;
         for (var e = lid; e < K * BV; e += WG) {
-            h[hbase + (e / BV) * V + e % BV] = s[e];
+            h[hbase + (e / BV) * V + e % BV] = s[e / 4u][e % 4u];
         }
-        let cg = lid % (BV / 4u);
-        let c4 = cg * 4u;
-        let vi = lid / (BV / 4u);
-        for (var i = vi; i < C; i += WG / (BV / 4u)) {
-            var acc = vec4<f32>(0.0);
-            if (i < ch.y) {
-                let ub = (hb + i) * V + j0 + c4;
-                acc = vec4<f32>(u[ub], u[ub + 1u], u[ub + 2u], u[ub + 3u]);
-                let wb = (hb + i) * K;
-                for (var m = 0u; m < K; m++) {
-                    let sb = m * BV + c4;
-                    acc -= w[wb + m] * vec4<f32>(s[sb], s[sb + 1u], s[sb + 2u], s[sb + 3u]);
+
+        // Every global read of this chunk is issued at once, into registers (one round trip
+        // instead of one per slice); the slices are staged from them.
+        var wr: array<f32, 64>;
+        for (var sl = 0u; sl < NWS; sl++) {
+            for (var y = 0u; y < NWY; y++) {
+                let e = lid + WG * y;
+                let i = e / KS;
+                wr[sl * NWY + y] = select(0.0, w[(hb + min(i, C - 1u)) * K + sl * KS + e % KS], i < ch.y);
+            }
+        }
+        var kr: array<f32, 64>;
+        for (var sl = 0u; sl < NKS; sl++) {
+            for (var x = 0u; x < NKX; x++) {
+                let e = lid + WG * x;
+                let i = sl * IS + e / K;
+                let ok = e < IS * K && i < ch.y;
+                kr[sl * NKX + x] = select(0.0, ld_k(((ch.x + min(i, ch.y - 1u)) * H + hk) * K + e % K), ok);
+            }
+        }
+
+        // v_new = u - w S, w staged KS columns at a time.
+        var acc = vec4<f32>(0.0);
+        if (vi < ch.y) {
+            let ub = (hb + vi) * V + j0 + c4;
+            acc = vec4<f32>(u[ub], u[ub + 1u], u[ub + 2u], u[ub + 3u]);
+        }
+        for (var sl = 0u; sl < NWS; sl++) {
+            workgroupBarrier();
+            for (var y = 0u; y < NWY; y++) {
+                let e = lid + WG * y;
+                stg[(e / KS) * (KS + 1u) + e % KS] = wr[sl * NWY + y];
+            }
+            workgroupBarrier();
+            if (vi < C) {
+                let m0 = sl * KS;
+                for (var mm = 0u; mm < KS; mm++) {
+                    acc -= stg[vi * (KS + 1u) + mm] * s[(m0 + mm) * (BV / 4u) + cg];
                 }
             }
-            let vb = (hb + i) * V + j0 + c4;
+        }
+        if (vi < C) {
+            let vb = (hb + vi) * V + j0 + c4;
+            vt[vi * (BV / 4u) + cg] = acc;
             for (var cc = 0u; cc < 4u; cc++) {
-                vt[i * BV + c4 + cc] = acc[cc];
                 vn[vb + cc] = acc[cc];
             }
         }
-        workgroupBarrier();
+
+        // S = exp(gc_last) S + (K ∘ fac)^T v_new; k staged IS rows at a time.
         let dl = exp(gl);
-        // Thread owns rows m = rg * RM + r (r < RM), columns c4 .. c4 + 4.
-        let rm = (K * (BV / 4u) + WG - 1u) / WG; // ceil(K / (WG / (BV / 4))) <= 4
-        let kmax = K - 1u;
-        let rg = lid / (BV / 4u);
-        if (rg * rm < K) {
-            var acc: array<vec4<f32>, 4>;
-            for (var r = 0u; r < rm; r++) {
-                let sb = min(rg * rm + r, kmax) * BV + c4;
-                acc[r] = dl * vec4<f32>(s[sb], s[sb + 1u], s[sb + 2u], s[sb + 3u]);
-            }
-            for (var i = 0u; i < ch.y; i++) {
-                let vb = i * BV + c4;
-                let vv = fac[i] * vec4<f32>(vt[vb], vt[vb + 1u], vt[vb + 2u], vt[vb + 3u]);
-                let kb = ((ch.x + i) * H + hk) * K + rg * rm;
-                for (var r = 0u; r < rm; r++) {
-                    acc[r] += ld_k(min(kb + r, kb + kmax - rg * rm)) * vv;
+        var sacc: array<vec4<f32>, 4>;
+        for (var x = 0u; x < rm; x++) {
+            sacc[x] = dl * s[min(rg * rm + x, kmax) * (BV / 4u) + cg];
+        }
+        for (var sl = 0u; sl < NKS; sl++) {
+            let i0 = sl * IS;
+            workgroupBarrier();
+            for (var x = 0u; x < NKX; x++) {
+                let e = lid + WG * x;
+                if (e < IS * K) {
+                    stg[e] = fac[min(i0 + e / K, C - 1u)] * kr[sl * NKX + x];
                 }
             }
-            for (var r = 0u; r < rm; r++) {
-                let sb = (rg * rm + r) * BV + c4;
-                if (rg * rm + r < K) {
-                    for (var cc = 0u; cc < 4u; cc++) {
-                        s[sb + cc] = acc[r][cc];
+            workgroupBarrier();
+            if (rg * rm < K) {
+                for (var ii = 0u; ii < min(IS, C - i0); ii++) {
+                    let vv = vt[(i0 + ii) * (BV / 4u) + cg];
+                    for (var x = 0u; x < rm; x++) {
+                        sacc[x] += stg[ii * K + min(rg * rm + x, kmax)] * vv;
                     }
                 }
             }
         }
-        workgroupBarrier();
+        workgroupBarrier(); // every read of S in this chunk is done
+        if (rg * rm < K) {
+            for (var x = 0u; x < rm; x++) {
+                if (rg * rm + x < K) {
+                    s[(rg * rm + x) * (BV / 4u) + cg] = sacc[x];
+                }
+            }
+        }
     }
+    workgroupBarrier();
 
     for (var e = lid; e < K * BV; e += WG) {
-        state[sbase + s_off(e / BV, j0 + e % BV)] = s[e];
+        state[sbase + s_off(e / BV, j0 + e % BV)] = s[e / 4u][e % 4u];
     }
 }

@@ -8,9 +8,10 @@ use crate::problem::{GateSpace, Problem, StateLayout};
 pub const WG: u32 = 256;
 /// Largest workgroup tile in floats (`TILE` in `wgsl/chunk_common.wgsl`): 16 KiB.
 pub const TILE: u32 = 4096;
-/// Workgroup memory of the largest chunked pass (the output pass: P plus two contraction slices),
-/// in bytes; the device must grant at least this much.
-pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 2 * 1024);
+/// Workgroup memory of the largest chunked pass (the state walk: S, v_new, a staging slice, the
+/// decay factors and the sequence range), in bytes; the device must grant at least this much
+/// (Apple GPUs grant 32 KiB).
+pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 1024 + 2048 + 64 + 4);
 /// Default bound on the scratch memory of one window of chunks (see [`max_local_chunks`]).
 pub const DEFAULT_WINDOW_BYTES: u64 = 512 << 20;
 
