@@ -213,10 +213,7 @@ impl Engine {
     pub(crate) fn submit(&self, graph: PassGraph<'_>) -> Result<()> {
         if let Ok(mut b) = self.batch.lock() {
             if let Some(rec) = b.as_mut() {
-                let mut all = self.graph();
-                all.append(std::mem::take(rec));
-                all.append(graph.into_recorded());
-                *rec = all.into_recorded();
+                rec.extend(graph.into_recorded());
                 return Ok(());
             }
         }

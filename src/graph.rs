@@ -308,6 +308,14 @@ pub(crate) struct Recorded {
     scratch: Vec<Scratch>,
 }
 
+impl Recorded {
+    /// Appends `other`'s steps (and scratch) after these.
+    pub(crate) fn extend(&mut self, other: Recorded) {
+        self.steps.extend(other.steps);
+        self.scratch.extend(other.scratch);
+    }
+}
+
 /// Timestamps of a submitted graph, not yet read back (reading waits for the GPU, so callers that
 /// time many calls read them all at the end and keep the GPU busy in between).
 pub struct PendingTimes {

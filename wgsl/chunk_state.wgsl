@@ -81,9 +81,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     let cg = lid % (BV / 4u);
     let c4 = cg * 4u;
-    let vi = lid / (BV / 4u);          // v_new row (rows >= C idle)
+    let vi = lid / (BV / 4u);          // v_new row (rows >= C idle); also the update's row group
     let rm = (K * (BV / 4u) + WG - 1u) / WG; // update rows per thread: ceil(K / (WG / (BV / 4))) <= 4
-    let rg = lid / (BV / 4u);
+    let rg = vi;
     let kmax = K - 1u;
     for (var lc = r.x; lc < r.y; lc++) {
         workgroupBarrier(); // S (and vt, stg, fac) of the previous chunk are complete
