@@ -54,6 +54,20 @@ pub struct Caps {
     pub max_workgroups_per_dim: u32,
 }
 
+impl Caps {
+    /// The cooperative-matrix tile size the `*_mma` kernels can use here: the first of
+    /// [`crate::kernels::MMA_TILES`] offered square with f16 operands and an f32 accumulator, when
+    /// f16 and subgroups are granted too.
+    pub fn mma_tile(&self) -> Option<u32> {
+        if !(self.f16 && self.subgroup) {
+            return None;
+        }
+        crate::kernels::MMA_TILES.into_iter().find(|&t| {
+            self.coop_matrix.iter().any(|s| s.m == t && s.n == t && s.k == t && s.ab == "f16" && s.cr == "f32")
+        })
+    }
+}
+
 /// The device, its queue and what it can do. Cheap to clone.
 #[derive(Clone)]
 pub struct Gpu {
@@ -215,9 +229,9 @@ impl Gpu {
             Vec::new()
         };
         let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-            // SAFETY: enabling only makes the feature requestable; no kernel uses cooperative
-            // matrices yet. Kernels that do must bind coopLoad/coopStore pointers to `let`s and use
-            // constant strides (naga 30's SPIR-V writer panics otherwise, ../shared/DEVICE.md).
+            // SAFETY: the experimental feature is used only by the `*_mma` kernels, which bind every
+            // coopLoad/coopStore pointer to a `let` and use override-constant strides (naga 30's
+            // SPIR-V writer panics otherwise, ../shared/DEVICE.md); a test translates them to SPIR-V.
             unsafe { wgpu::ExperimentalFeatures::enabled() }
         } else {
             wgpu::ExperimentalFeatures::disabled()

@@ -6,7 +6,7 @@ use wgdelta::device::Caps;
 use wgdelta::kernels::backward::{reduce_partials_key, BackwardSpec};
 use wgdelta::kernels::chunked::ChunkSpec;
 use wgdelta::kernels::recurrent::{RecurrentSpec, StateSrc, Tiles};
-use wgdelta::kernels::{assemble, Accum, Kernel, PipelineKey, Reduce};
+use wgdelta::kernels::{assemble_mma, Accum, Kernel, PipelineKey, Reduce, MMA_TILES};
 use wgdelta::problem::{InputsMeta, TensorMeta};
 use wgdelta::{DType, GateKind, GateSpace, Options, Problem, StateLayout};
 
@@ -89,8 +89,9 @@ fn problem(
 /// Real pipeline keys of `kernel` in variant `reduce`, over head dims, dtypes, gates, conventions,
 /// masks and state sources (what `ops::recurrent` would build), with a label each.
 /// Representative specialisations of every kernel in one source variant.
-fn keys(kernel: Kernel, reduce: Reduce, accum: Option<Accum>) -> Vec<(String, PipelineKey)> {
+fn keys(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: Option<u32>) -> Vec<(String, PipelineKey)> {
     match kernel {
+        k if k.mma() => mma_keys(k, tile.expect("an mma kernel has a tile size")),
         Kernel::RecurrentFwd => recurrent_keys(reduce),
         Kernel::RecurrentBwd => backward_keys(reduce, accum.expect("the backward accumulates")),
         Kernel::ReducePartials => vec![("reduce_partials".into(), reduce_partials_key())],
@@ -107,6 +108,23 @@ fn chunked_keys(kernel: Kernel) -> Vec<(String, PipelineKey)> {
             let dt = [DType::F32, DType::F16, DType::BF16][(i + chunk as usize / 16) % 3];
             let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
             let spec = ChunkSpec::choose(chunk, k, v);
+            out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
+        }
+    }
+    out
+}
+
+/// Keys of a cooperative-matrix pass: the head dims and chunk sizes whose tiles fit, f16/bf16 inputs.
+fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
+    let mut out = Vec::new();
+    for (i, (k, v)) in [(16, 16), (64, 32), (128, 128), (128, 64)].into_iter().enumerate() {
+        for chunk in [16, 32, 64] {
+            let opts = if i % 2 == 0 { Options::default() } else { Options::mlx() };
+            let dt = [DType::F16, DType::BF16][(i + chunk as usize / 16) % 2];
+            let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
+            let mut spec = ChunkSpec::choose(chunk, k, v);
+            assert!(spec.mma_fits(k, tile), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
+            spec.mma = Some(tile);
             out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
         }
     }
@@ -203,21 +221,29 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
     out
 }
 
-/// The source variants of a kernel: reduction x accumulation.
-fn variants(kernel: Kernel) -> Vec<(Reduce, Option<Accum>)> {
+/// The source variants of a kernel: reduction x accumulation, or the tile sizes of a
+/// cooperative-matrix kernel.
+fn variants(kernel: Kernel) -> Vec<(Reduce, Option<Accum>, Option<u32>)> {
+    if kernel.mma() {
+        return MMA_TILES.iter().map(|&t| (Reduce::Workgroup, None, Some(t))).collect();
+    }
     let reduces = if kernel.reduces() { vec![Reduce::Subgroup, Reduce::Workgroup] } else { vec![Reduce::Workgroup] };
     let accums: Vec<Option<Accum>> = if kernel.accumulates() {
         vec![Some(Accum::F32Atomic), Some(Accum::CasLoop), Some(Accum::Deterministic)]
     } else {
         vec![None]
     };
-    reduces.iter().flat_map(|&r| accums.iter().map(move |&a| (r, a))).collect()
+    reduces.iter().flat_map(|&r| accums.iter().map(move |&a| (r, a, None))).collect()
 }
 
 /// Optional naga capabilities a variant may need: subgroups for the subgroup reduction, float
-/// atomics for the atomic accumulation; nothing else.
-fn needs(reduce: Reduce, accum: Option<Accum>) -> Capabilities {
+/// atomics for the atomic accumulation, cooperative matrices with f16 and subgroups for the mma
+/// kernels; nothing else.
+fn needs(reduce: Reduce, accum: Option<Accum>, tile: Option<u32>) -> Capabilities {
     let mut c = BASE;
+    if tile.is_some() {
+        c |= Capabilities::COOPERATIVE_MATRIX | Capabilities::SHADER_FLOAT16 | Capabilities::SUBGROUP;
+    }
     if reduce == Reduce::Subgroup {
         c |= Capabilities::SUBGROUP;
     }
@@ -232,9 +258,9 @@ fn needs(reduce: Reduce, accum: Option<Accum>) -> Capabilities {
 fn every_kernel_to_msl_and_spirv() {
     let mut failures = Vec::new();
     for kernel in Kernel::ALL {
-        for (reduce, accum) in variants(kernel) {
-            let src = assemble(kernel, reduce, accum);
-            let name = format!("{} ({reduce:?}, {accum:?})", kernel.label());
+        for (reduce, accum, tile) in variants(kernel) {
+            let src = assemble_mma(kernel, reduce, accum, tile.unwrap_or(16));
+            let name = format!("{} ({reduce:?}, {accum:?}, tile {tile:?})", kernel.label());
             let module = match naga::front::wgsl::parse_str(&src) {
                 Ok(m) => m,
                 Err(e) => panic!("{name}: WGSL parse error:\n{}", e.emit_to_string(&src)),
@@ -245,7 +271,7 @@ fn every_kernel_to_msl_and_spirv() {
             };
             // Each variant needs exactly its own optional capability (subgroups, float atomics) and
             // nothing else; the portable variants need none.
-            let need = needs(reduce, accum);
+            let need = needs(reduce, accum, tile);
             if let Err(e) = validator(need).validate(&module) {
                 panic!("{name}: needs more than {need:?}:\n{}", e.emit_to_string(&src));
             }
@@ -257,7 +283,7 @@ fn every_kernel_to_msl_and_spirv() {
             let overrides: Vec<String> = module.overrides.iter().filter_map(|(_, o)| o.name.clone()).collect();
             println!("{name}: {} bytes of WGSL, overrides {overrides:?}", src.len());
 
-            let keys = keys(kernel, reduce, accum);
+            let keys = keys(kernel, reduce, accum, tile);
             let mut sizes: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
             for (label, key) in &keys {
                 assert_eq!(key.kernel, kernel);
@@ -281,12 +307,15 @@ fn every_kernel_to_msl_and_spirv() {
                 if let (Some(kt), Some(bv)) = (get("KT"), get("BV")) {
                     assert_eq!(ep.workgroup_size, [kt * bv, 1, 1], "{name} [{label}]: workgroup size");
                 }
-                // MSL as wgpu's Metal backend writes it: unchecked (release) and Restrict (checked builds).
+                // MSL as wgpu's Metal backend writes it: unchecked (release) and Restrict (checked
+                // builds). Metal has 8x8 simdgroup matrices only: 16x16 tiles are for Vulkan.
                 let mut msl_len = [0usize; 2];
+                let metal = tile.is_none_or(|t| t == 8);
                 for (slot, policy) in
                     [naga::proc::BoundsCheckPolicy::Unchecked, naga::proc::BoundsCheckPolicy::Restrict]
                         .into_iter()
                         .enumerate()
+                        .filter(|_| metal)
                 {
                     let opts = naga::back::msl::Options {
                         lang_version: (2, 4),
@@ -309,7 +338,12 @@ fn every_kernel_to_msl_and_spirv() {
                                 msl.contains("kernel void main"),
                                 "{name} [{label}]: no compute entry point in MSL"
                             );
-                            if reduce == Reduce::Subgroup {
+                            if tile.is_some() {
+                                assert!(
+                                    msl.contains("simdgroup_multiply_accumulate") && msl.contains("8x8"),
+                                    "{name} [{label}]: mma variant without 8x8 simdgroup matrices"
+                                );
+                            } else if reduce == Reduce::Subgroup {
                                 assert!(
                                     msl.contains("simd_shuffle_xor"),
                                     "{name} [{label}]: subgroup variant without simd_shuffle_xor"
@@ -355,11 +389,12 @@ fn every_kernel_to_msl_and_spirv() {
 #[test]
 fn keys_match_declared_overrides() {
     for kernel in Kernel::ALL {
-        for (reduce, accum) in variants(kernel) {
-            let module = naga::front::wgsl::parse_str(&assemble(kernel, reduce, accum)).expect("parses");
+        for (reduce, accum, tile) in variants(kernel) {
+            let src = assemble_mma(kernel, reduce, accum, tile.unwrap_or(16));
+            let module = naga::front::wgsl::parse_str(&src).expect("parses");
             let declared: Vec<(String, bool)> =
                 module.overrides.iter().filter_map(|(_, o)| o.name.clone().map(|n| (n, o.init.is_some()))).collect();
-            for (label, key) in keys(kernel, reduce, accum) {
+            for (label, key) in keys(kernel, reduce, accum, tile) {
                 for &(n, _) in &key.constants {
                     assert!(
                         declared.iter().any(|(d, _)| d == n),

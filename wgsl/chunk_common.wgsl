@@ -39,7 +39,7 @@ override HV: u32;
 override K: u32;
 override V: u32;
 override GROUP: u32 = HV / H;
-override C: u32;             // chunk size: 16, 32 or 64
+override CH: u32;            // chunk size C: 16, 32 or 64
 override QKV_DT: u32 = 0u;
 override G_DT: u32 = 0u;
 override BETA_DT: u32 = 0u;

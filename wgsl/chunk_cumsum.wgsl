@@ -34,9 +34,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let ch = chunk_at(lc);
-    let base = (lc * HV + hv) * C;
+    let base = (lc * HV + hv) * CH;
     var acc = 0.0;
-    for (var i = 0u; i < C; i++) {
+    for (var i = 0u; i < CH; i++) {
         var b = 0.0;
         if (i < ch.y) {
             let row = ch.x + i;

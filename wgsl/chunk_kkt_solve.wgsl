@@ -34,7 +34,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let hk = wid.x;
     let ch = chunk_at(lc);
-    let ne = (C * C) / WG;
+    let ne = (CH * CH) / WG;
 
     // G = K K^T, K-slices of BK staged as buf[i * BKP + m].
     var gram: array<f32, MAX_GE>;
@@ -42,7 +42,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         gram[x] = 0.0;
     }
     for (var m0 = 0u; m0 < K; m0 += BK) {
-        for (var e = lid; e < C * BK; e += WG) {
+        for (var e = lid; e < CH * BK; e += WG) {
             let i = e / BK;
             var val = 0.0;
             if (i < ch.y) {
@@ -53,8 +53,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
         for (var x = 0u; x < ne; x++) {
             let e = lid + WG * x;
-            let i = e / C;
-            let j = e % C;
+            let i = e / CH;
+            let j = e % CH;
             var acc = gram[x];
             for (var m = 0u; m < BK; m++) {
                 acc += buf[i * BKP + m] * buf[j * BKP + m];
@@ -66,12 +66,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     for (var gi = 0u; gi < GROUP; gi++) {
         let hv = hk * GROUP + gi;
-        let hb = (lc * HV + hv) * C;
+        let hb = (lc * HV + hv) * CH;
         // N, row-major in buf.
         for (var x = 0u; x < ne; x++) {
             let e = lid + WG * x;
-            let i = e / C;
-            let j = e % C;
+            let i = e / CH;
+            let j = e % CH;
             var nij = 0.0;
             if (j < i) {
                 nij = bm[hb + i] * gram[x] * exp(gc[hb + i] - gc[hb + j]);
@@ -80,25 +80,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         // Forward substitution; thread m owns column m. Row i is read whole before it is rewritten.
-        for (var i = 1u; i < C; i++) {
+        for (var i = 1u; i < CH; i++) {
             let m = lid;
             var acc = 0.0;
             if (m < i) {
-                acc = -buf[i * C + m];
+                acc = -buf[i * CH + m];
                 for (var j = m + 1u; j < i; j++) {
-                    acc -= buf[i * C + j] * buf[j * C + m];
+                    acc -= buf[i * CH + j] * buf[j * CH + m];
                 }
             }
             workgroupBarrier();
             if (m < i) {
-                buf[i * C + m] = acc;
+                buf[i * CH + m] = acc;
             }
             workgroupBarrier();
         }
-        let ab = hb * C;
-        for (var e = lid; e < C * C; e += WG) {
-            let i = e / C;
-            let j = e % C;
+        let ab = hb * CH;
+        for (var e = lid; e < CH * CH; e += WG) {
+            let i = e / CH;
+            let j = e % CH;
             a[ab + e] = select(select(0.0, buf[e], j < i), 1.0, i == j);
         }
         workgroupBarrier();

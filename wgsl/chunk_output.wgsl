@@ -51,19 +51,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let j0 = (wid.x % tiles) * BVO;
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
-    let hb = (lc * HV + hv) * C;
-    if (lid < C) {
+    let hb = (lc * HV + hv) * CH;
+    if (lid < CH) {
         gcs[lid] = select(0.0, gc[hb + lid], lid < ch.y);
     }
 
     // P = Q K^T: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4.
-    let q4 = C / 4u;
+    let q4 = CH / 4u;
     let ti = lid / q4;
     let tj = lid % q4;
     var pacc: array<vec4<f32>, 4>;
     for (var m0 = 0u; m0 < K; m0 += BS) {
         workgroupBarrier();
-        for (var e = lid; e < C * BS; e += WG) {
+        for (var e = lid; e < CH * BS; e += WG) {
             let i = e / BS;
             let kk = e % BS;
             var qv = 0.0;
@@ -103,10 +103,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let in_tile = tr < q4;
     var acc: array<vec4<f32>, 4>;
     let sb = (lc * HV + hv) * K * V + j0;
-    for (var s0 = 0u; s0 < K + C; s0 += BS) {
+    for (var s0 = 0u; s0 < K + CH; s0 += BS) {
         workgroupBarrier();
         if (s0 < K) {
-            for (var e = lid; e < C * BS; e += WG) {
+            for (var e = lid; e < CH * BS; e += WG) {
                 let i = e / BS;
                 var x = 0.0;
                 if (i < ch.y) {

@@ -29,10 +29,10 @@
 
 const KS: u32 = 16u;         // w slice: C rows x KS columns, row stride KS + 1 (no bank conflicts)
 const STG: u32 = 2048u;      // staging floats: C * (KS + 1) and IS * K fit
-override IS: u32 = min(C, 2048u / K);  // k slice rows (K <= 256: at least 8; C is a power of two)
+override IS: u32 = min(CH, 2048u / K);  // k slice rows (K <= 256: at least 8; C is a power of two)
 override NWS: u32 = K / KS;                 // w slices
-override NWY: u32 = C * KS / WG;            // w elements per thread per slice (C / 16: 1..4)
-override NKS: u32 = (C + IS - 1u) / IS;     // k slices (the last may be partial)
+override NWY: u32 = CH * KS / WG;            // w elements per thread per slice (C / 16: 1..4)
+override NKS: u32 = (CH + IS - 1u) / IS;     // k slices (the last may be partial)
 override NKX: u32 = (IS * K + WG - 1u) / WG; // k elements per thread per slice (<= 8)
 // NWS * NWY <= 64 and NKS * NKX <= 64 for K <= 256, C <= 64: the register prefetch arrays.
 
@@ -88,9 +88,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var lc = r.x; lc < r.y; lc++) {
         workgroupBarrier(); // S (and vt, stg, fac) of the previous chunk are complete
         let ch = chunk_at(lc);
-        let hb = (lc * HV + hv) * C;
+        let hb = (lc * HV + hv) * CH;
         let gl = gc[hb + ch.y - 1u];
-        if (lid < C) {
+        if (lid < CH) {
             fac[lid] = select(0.0, exp(gl - gc[hb + lid]), lid < ch.y);
         }
         let hbase = (lc * HV + hv) * K * V + j0;
@@ -105,7 +105,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var y = 0u; y < NWY; y++) {
                 let e = lid + WG * y;
                 let i = e / KS;
-                wr[sl * NWY + y] = select(0.0, w[(hb + min(i, C - 1u)) * K + sl * KS + e % KS], i < ch.y);
+                wr[sl * NWY + y] = select(0.0, w[(hb + min(i, CH - 1u)) * K + sl * KS + e % KS], i < ch.y);
             }
         }
         var kr: array<f32, 64>;
@@ -131,14 +131,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 stg[(e / KS) * (KS + 1u) + e % KS] = wr[sl * NWY + y];
             }
             workgroupBarrier();
-            if (vi < C) {
+            if (vi < CH) {
                 let m0 = sl * KS;
                 for (var mm = 0u; mm < KS; mm++) {
                     acc -= stg[vi * (KS + 1u) + mm] * s[(m0 + mm) * (BV / 4u) + cg];
                 }
             }
         }
-        if (vi < C) {
+        if (vi < CH) {
             let vb = (hb + vi) * V + j0 + c4;
             vt[vi * (BV / 4u) + cg] = acc;
             for (var cc = 0u; cc < 4u; cc++) {
@@ -158,12 +158,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var x = 0u; x < NKX; x++) {
                 let e = lid + WG * x;
                 if (e < IS * K) {
-                    stg[e] = fac[min(i0 + e / K, C - 1u)] * kr[sl * NKX + x];
+                    stg[e] = fac[min(i0 + e / K, CH - 1u)] * kr[sl * NKX + x];
                 }
             }
             workgroupBarrier();
             if (rg * rm < K) {
-                for (var ii = 0u; ii < min(IS, C - i0); ii++) {
+                for (var ii = 0u; ii < min(IS, CH - i0); ii++) {
                     let vv = vt[(i0 + ii) * (BV / 4u) + cg];
                     for (var x = 0u; x < rm; x++) {
                         sacc[x] += stg[ii * K + min(rg * rm + x, kmax)] * vv;

@@ -36,9 +36,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let is_w = d0 < K;
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
-    let hb = (lc * HV + hv) * C;
+    let hb = (lc * HV + hv) * CH;
 
-    for (var e = lid; e < C * BD; e += WG) {
+    for (var e = lid; e < CH * BD; e += WG) {
         let j = e / BD;
         let d = e % BD;
         var x = 0.0;
@@ -53,10 +53,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         xs[e] = x;
     }
     workgroupBarrier();
-    let tm = max(1u, (C * BD) / (4u * WG));
+    let tm = max(1u, (CH * BD) / (4u * WG));
     let tc = lid % (BD / 4u);
     let tr = lid / (BD / 4u);
-    if (tr * tm >= C) {
+    if (tr * tm >= CH) {
         return;
     }
     var acc: array<vec4<f32>, 4>;
@@ -69,7 +69,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let xb = j * BD + d4;
         let xv = vec4<f32>(xs[xb], xs[xb + 1u], xs[xb + 2u], xs[xb + 3u]);
         for (var r = 0u; r < tm; r++) {
-            acc[r] += a[(hb + i0 + r) * C + j] * xv;
+            acc[r] += a[(hb + i0 + r) * CH + j] * xv;
         }
     }
     for (var r = 0u; r < tm; r++) {

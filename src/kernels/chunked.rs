@@ -12,6 +12,12 @@ pub const TILE: u32 = 4096;
 /// decay factors and the sequence range), in bytes; the device must grant at least this much
 /// (Apple GPUs grant 32 KiB).
 pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 1024 + 2048 + 64 + 4);
+/// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`): xs, s16,
+/// s32, fac and the sequence range.
+pub const MMA_WORKGROUP_BYTES: u32 = 2 * MMA_XN + 2 * MMA_SN + 4 * 2048 + 4 * 64 + 16;
+/// `XN` and `SN` in `wgsl/chunk_state_mma.wgsl`: its staged operands, in halves.
+const MMA_XN: u32 = 8704;
+const MMA_SN: u32 = 3072;
 /// Default bound on the scratch memory of one window of chunks (see [`max_local_chunks`]).
 pub const DEFAULT_WINDOW_BYTES: u64 = 512 << 20;
 
@@ -26,6 +32,8 @@ pub struct ChunkSpec {
     pub bvo: u32,
     /// w/u pass: output columns per workgroup (divides K and V).
     pub bd: u32,
+    /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
+    pub mma: Option<u32>,
 }
 
 impl ChunkSpec {
@@ -37,7 +45,22 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None }
+    }
+
+    /// Whether the cooperative-matrix state walk fits these tiles with `tile` x `tile` matrices and
+    /// head dim `k` (its workgroup arrays: `XN`, `SN` and 2048 floats of S).
+    pub fn mma_fits(&self, k: usize, tile: u32) -> bool {
+        let (k, c, bv) = (k as u32, self.chunk, self.bv);
+        bv % tile == 0
+            && k % tile == 0
+            && c % tile == 0
+            && c * (k + 8) <= MMA_XN
+            && k * (bv + 8) <= MMA_SN
+            && c * (bv + 8) <= MMA_SN
+            && k * bv <= 2048
+            && c * k % 128 == 0
+            && c * bv % 128 == 0
     }
 
     /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same
@@ -46,7 +69,7 @@ impl ChunkSpec {
         debug_assert!(kernel.chunked());
         let d = &p.dims;
         let b = |x: bool| if x { 1.0 } else { 0.0 };
-        PipelineKey::new(
+        let key = PipelineKey::new(
             kernel,
             Reduce::Workgroup,
             vec![
@@ -54,7 +77,7 @@ impl ChunkSpec {
                 ("HV", d.hv as f64),
                 ("K", d.k as f64),
                 ("V", d.v as f64),
-                ("C", self.chunk as f64),
+                ("CH", self.chunk as f64),
                 ("QKV_DT", p.dtype.wgsl_code() as f64),
                 ("G_DT", p.g_dtype.wgsl_code() as f64),
                 ("BETA_DT", p.beta_dtype.wgsl_code() as f64),
@@ -66,7 +89,11 @@ impl ChunkSpec {
                 ("BVO", self.bvo as f64),
                 ("BD", self.bd as f64),
             ],
-        )
+        );
+        match (kernel.mma(), self.mma) {
+            (true, Some(t)) => key.with_mma(t),
+            _ => key,
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub mod src {
     pub const CHUNK_KKT_SOLVE: &str = include_str!("../../wgsl/chunk_kkt_solve.wgsl");
     pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
+    pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
     pub const RECURRENT_BWD: &str = include_str!("../../wgsl/recurrent_bwd.wgsl");
     pub const REDUCE_PARTIALS: &str = include_str!("../../wgsl/reduce_partials.wgsl");
@@ -55,6 +56,8 @@ pub enum Kernel {
     ChunkWu,
     /// Chunked forward, step 4: the chunk-to-chunk state walk (per-chunk states, v_new, ht).
     ChunkState,
+    /// Step 4 on cooperative matrices (f16 operands, f32 accumulation): same bindings and outputs.
+    ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
     RecurrentBwd,
@@ -91,7 +94,7 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
@@ -99,6 +102,7 @@ impl Kernel {
         Kernel::ChunkKktSolve,
         Kernel::ChunkWu,
         Kernel::ChunkState,
+        Kernel::ChunkStateMma,
         Kernel::ChunkOutput,
     ];
 
@@ -110,6 +114,7 @@ impl Kernel {
             Kernel::ChunkKktSolve => "wgdelta.chunk.kkt_solve",
             Kernel::ChunkWu => "wgdelta.chunk.wu",
             Kernel::ChunkState => "wgdelta.chunk.state",
+            Kernel::ChunkStateMma => "wgdelta.chunk.state_mma",
             Kernel::ChunkOutput => "wgdelta.chunk.output",
             Kernel::RecurrentBwd => "wgdelta.recurrent.bwd",
             Kernel::ReducePartials => "wgdelta.reduce_partials",
@@ -123,6 +128,7 @@ impl Kernel {
             Kernel::ChunkKktSolve => src::CHUNK_KKT_SOLVE,
             Kernel::ChunkWu => src::CHUNK_WU,
             Kernel::ChunkState => src::CHUNK_STATE,
+            Kernel::ChunkStateMma => src::CHUNK_STATE_MMA,
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
             Kernel::RecurrentBwd => src::RECURRENT_BWD,
             Kernel::ReducePartials => src::REDUCE_PARTIALS,
@@ -145,7 +151,9 @@ impl Kernel {
             Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
-            Kernel::ChunkState => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+            Kernel::ChunkState | Kernel::ChunkStateMma => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
+            }
             Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
         }
     }
@@ -169,15 +177,46 @@ impl Kernel {
     pub fn chunked(self) -> bool {
         matches!(
             self,
-            Kernel::ChunkCumsum | Kernel::ChunkKktSolve | Kernel::ChunkWu | Kernel::ChunkState | Kernel::ChunkOutput
+            Kernel::ChunkCumsum
+                | Kernel::ChunkKktSolve
+                | Kernel::ChunkWu
+                | Kernel::ChunkState
+                | Kernel::ChunkStateMma
+                | Kernel::ChunkOutput
         )
     }
+    /// Whether the kernel runs on cooperative matrices (assembled after [`mma_header`]).
+    pub fn mma(self) -> bool {
+        matches!(self, Kernel::ChunkStateMma)
+    }
+}
+
+/// Tile sizes the cooperative-matrix kernels are written for: 16x16x16 (NVIDIA, AMD, Intel through
+/// Vulkan) and 8x8x8 (Apple's simdgroup matrices).
+pub const MMA_TILES: [u32; 2] = [16, 8];
+
+/// The header of a cooperative-matrix kernel with `tile` x `tile` matrices: the `enable`s and the
+/// tile types `MA`, `MB` (f16 operands) and `MC` (f32 accumulator), and `CT`. The only thing that
+/// differs between tile sizes is this text, because WGSL spells the size in the type's name.
+pub fn mma_header(tile: u32) -> String {
+    format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\n\
+         alias MA = coop_mat{tile}x{tile}<f16, A>;\nalias MB = coop_mat{tile}x{tile}<f16, B>;\n\
+         alias MC = coop_mat{tile}x{tile}<f32, C>;\nconst CT: u32 = {tile}u;\n"
+    )
 }
 
 /// Assembles the full WGSL module of `kernel` with the given reduction and accumulation variants
 /// (each ignored by kernels that do not take it; an accumulating kernel defaults to [`Accum::CasLoop`]).
+/// A cooperative-matrix kernel is assembled with 16x16 tiles; see [`assemble_mma`].
 pub fn assemble(kernel: Kernel, reduce: Reduce, accum: Option<Accum>) -> String {
-    let mut s = String::from(src::PRELUDE);
+    assemble_mma(kernel, reduce, accum, MMA_TILES[0])
+}
+
+/// [`assemble`] with `tile` x `tile` cooperative matrices for the kernels that use them.
+pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: u32) -> String {
+    let mut s = if kernel.mma() { mma_header(tile) } else { String::new() };
+    s.push_str(src::PRELUDE);
     if kernel.reduces() {
         s.push_str(match reduce {
             Reduce::Subgroup => src::REDUCE_SUBGROUP,
@@ -224,6 +263,8 @@ pub struct PipelineKey {
     pub reduce: Reduce,
     /// Accumulation variant (kernels that accumulate only).
     pub accum: Option<Accum>,
+    /// Cooperative-matrix tile size (kernels that use them only).
+    pub mma: Option<u32>,
     /// (name, value bits as f64) — f64 because that is how wgpu takes override values.
     pub constants: Vec<(&'static str, u64)>,
 }
@@ -235,6 +276,7 @@ impl PipelineKey {
             kernel,
             reduce,
             accum: None,
+            mma: None,
             constants: constants.into_iter().map(|(n, v)| (n, v.to_bits())).collect(),
         }
     }
@@ -243,13 +285,18 @@ impl PipelineKey {
         self.accum = Some(accum);
         self
     }
+    /// The same key with `tile` x `tile` cooperative matrices.
+    pub fn with_mma(mut self, tile: u32) -> Self {
+        self.mma = Some(tile);
+        self
+    }
     pub fn constants_f64(&self) -> Vec<(&'static str, f64)> {
         self.constants.iter().map(|&(n, b)| (n, f64::from_bits(b))).collect()
     }
 }
 
 /// One WGSL module per source variant.
-type ModuleKey = (Kernel, Reduce, Option<Accum>);
+type ModuleKey = (Kernel, Reduce, Option<Accum>, Option<u32>);
 
 /// Caches shader modules, bind group layouts and pipelines, so each specialisation compiles once.
 #[derive(Default)]
@@ -324,6 +371,13 @@ impl KernelCache {
         if key.accum == Some(Accum::F32Atomic) && !gpu.caps.f32_atomic {
             return Err(Error::MissingFeature(format!("SHADER_FLOAT32_ATOMIC (for {})", key.kernel.label())));
         }
+        if key.kernel.mma() && key.mma.is_none_or(|t| gpu.caps.mma_tile() != Some(t)) {
+            return Err(Error::MissingFeature(format!(
+                "EXPERIMENTAL_COOPERATIVE_MATRIX with {0}x{0}x{0} f16 -> f32 tiles, SHADER_F16 and SUBGROUP (for {1})",
+                key.mma.unwrap_or(MMA_TILES[0]),
+                key.kernel.label()
+            )));
+        }
         let (_, layout) = self.layouts(gpu, key.kernel)?;
         let label = key.kernel.label();
         let msl = uses_msl(gpu, key);
@@ -334,12 +388,13 @@ impl KernelCache {
             let m = gpu.msl_module(label, &(msl_constants(key) + source), entry, wg)?;
             (m, entry, Vec::new())
         } else {
-            let vkey = (key.kernel, key.reduce, key.accum);
+            let vkey = (key.kernel, key.reduce, key.accum, key.mma);
             let mut mods = self.modules.lock().map_err(|_| poisoned())?;
             let m = match mods.get(&vkey) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = gpu.shader_module(label, &assemble(key.kernel, key.reduce, key.accum))?;
+                    let src = assemble_mma(key.kernel, key.reduce, key.accum, key.mma.unwrap_or(MMA_TILES[0]));
+                    let m = gpu.shader_module(label, &src)?;
                     mods.insert(vkey, m.clone());
                     m
                 }

@@ -17,10 +17,11 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::PassGraph;
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, MMA_WORKGROUP_BYTES, WG,
+    WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
-use crate::problem::Problem;
+use crate::problem::{DType, Problem};
 use crate::tensor::padded;
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
@@ -63,7 +64,13 @@ fn record(
     let c = chunk as usize;
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
-    let spec = ChunkSpec::choose(chunk, d.k, d.v);
+    let mut spec = ChunkSpec::choose(chunk, d.k, d.v);
+    // Tensor cores for f16/bf16 inputs (their f16 operands are within those inputs' tolerance, not
+    // within f32's), where the adapter offers them and the tiles fit.
+    spec.mma = caps.mma_tile().filter(|&t| {
+        p.dtype != DType::F32 && spec.mma_fits(d.k, t) && caps.max_workgroup_storage >= MMA_WORKGROUP_BYTES
+    });
+    let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
     if caps.max_workgroup_storage < WORKGROUP_BYTES {
         return Err(Error::MissingFeature(format!(
             "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
@@ -139,7 +146,7 @@ fn record(
             record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
         }
         graph.dispatch(
-            &spec.key(Kernel::ChunkState, p),
+            &spec.key(state_kernel, p),
             &[&ps, &info, &x.k.buffer, &gc, &w, &u, h0, &h, &vn, carry],
             [hv * (d.v as u32 / spec.bv), sy, sz],
         )?;

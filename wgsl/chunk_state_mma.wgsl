@@ -1,0 +1,213 @@
+// chunk_state_mma.wgsl — the chunk-to-chunk state walk of chunk_state.wgsl, on cooperative matrices
+// (tensor cores / simdgroup matrices). Same math, bindings, grid and outputs:
+//     h[lc]  = S
+//     v_new  = u - w S                                     [C x BV], rows i >= len are 0
+//     S      = exp(gc_last) S + (K ∘ exp(gc_last - gc))^T v_new
+// Assembled after a header (kernels::mma_header) that enables f16 and cooperative matrices and
+// declares the tile types MA (f16, A), MB (f16, B), MC (f32, C) of CT x CT (16 on NVIDIA, 8 on
+// Apple). Operands of the products are f16 (-w, S, K ∘ fac, v_new); products and S accumulate in
+// f32, so the state itself never loses precision between chunks; this is the precision of FLA's
+// kernel for f16/bf16 inputs and is used for those only (f32 inputs take chunk_state.wgsl).
+//
+// One workgroup per (sequence, value head, BV value columns), MWG threads in subgroups; each
+// subgroup takes CT x CT output tiles in turn. Per chunk:
+//   1. S (f32, workgroup) -> h (global) and s16 (f16); -w -> xs (f16) from registers.
+//   2. v_new tiles: C = u (loaded from global), C += (-w) S; stored to vn (global).
+//   3. v_new (read back from vn) -> s16; K ∘ fac -> xs from registers; then the next chunk's w, k
+//      and gc are loaded into registers (the loads run during step 4).
+//   4. S tiles: C = exp(gc_last) S; C += (K ∘ fac)^T v_new; stored back.
+// Rows of xs and s16 are padded by 8 halves (16 bytes) so a tile's rows fall in different banks.
+// In step 4 every round of tiles is read before any is written (a subgroup with no tile left
+// repeats the last one, which must not see it half updated).
+// Host-checked: C * (K + 8) <= XN, K * (BV + 8) <= SN and C * (BV + 8) <= SN, K * BV <= 2048,
+// MWG divides C * K and C * BV.
+
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> gc: array<f32>;
+@group(0) @binding(4) var<storage, read> w: array<f32>;
+@group(0) @binding(5) var<storage, read> u: array<f32>;
+@group(0) @binding(6) var<storage, read> h0: array<f32>;
+@group(0) @binding(7) var<storage, read_write> h: array<f32>;
+@group(0) @binding(8) var<storage, read_write> vn: array<f32>;
+@group(0) @binding(9) var<storage, read_write> state: array<f32>;
+
+const MWG: u32 = 128u;
+const XN: u32 = 8704u;             // xs halves: C * (K + 8) for C = 64, K = 128
+const SN: u32 = 3072u;             // s16 halves: K * (BV + 8) for K = 128, BV = 16
+override XK: u32 = K + 8u;         // row stride of xs
+override SB: u32 = BV + 8u;        // row stride of s16
+override NKR: u32 = CH * K / MWG;  // w and k elements per thread (<= 64)
+override NVR: u32 = CH * BV / MWG; // v_new elements per thread (<= 8)
+
+var<workgroup> xs: array<f16, XN>;     // [C][XK]: -w, then K ∘ fac
+var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new
+var<workgroup> s32: array<f32, 2048>;  // [K][BV]: S
+var<workgroup> fac: array<f32, 64>;    // exp(gc_last - gc_i), 0 past the chunk's end
+var<workgroup> seq_range: vec3<u32>;
+var<workgroup> sg_count: u32;
+
+fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+
+// What a step reads from global memory before its products, for one thread: its share of the
+// chunk's w and k, the chunk's table entry, gc_last and gc of row lid.
+struct Fetched {
+    w: array<f32, 64>,
+    k: array<f32, 64>,
+    ch: vec3<u32>,
+    gl: f32,
+    gc: f32,
+}
+
+// Loads chunk lc's share for thread lid (fixed trip counts: every load is issued before the
+// first is waited for).
+fn fetch(lc: u32, lid: u32, hv: u32, hk: u32, f: ptr<function, Fetched>) {
+    let ch = chunk_at(lc);
+    let hb = (lc * HV + hv) * CH;
+    for (var x = 0u; x < NKR; x++) {
+        let e = lid + MWG * x;
+        let i = e / K;
+        (*f).w[x] = w[hb * K + e];
+        (*f).k[x] = select(0.0, ld_k(((ch.x + min(i, ch.y - 1u)) * H + hk) * K + e % K), i < ch.y);
+    }
+    (*f).ch = ch;
+    (*f).gl = gc[hb + ch.y - 1u];
+    (*f).gc = gc[hb + min(lid, CH - 1u)];
+}
+
+// Offset of S[i][j] inside one K x V state in the call's layout.
+fn s_off(i: u32, j: u32) -> u32 {
+    return select(i * V + j, j * K + i, LAYOUT_VK);
+}
+
+@compute @workgroup_size(MWG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+) {
+    // Not local_chunk(): naga treats a helper's result as non-uniform, and this return must be
+    // uniform for the cooperative-matrix operations after it.
+    let n = wid.y + wid.z * P.wg_per_row;
+    if (n >= P.n_seqs) {
+        return;
+    }
+    let tiles = V / BV;
+    let hv = wid.x / tiles;
+    let j0 = (wid.x % tiles) * BV;
+    let hk = hv / GROUP;
+    if (lid == 0u) {
+        let b = P.seq_off + 3u * n;
+        seq_range = vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+    }
+    let r = workgroupUniformLoad(&seq_range);
+    if ((r.x == r.y) & (r.z == 0u)) { // `&`: naga lowers `&&` through a non-uniform local
+        return; // no chunk of this sequence in this window
+    }
+    let sbase = (n * HV + hv) * K * V;
+    for (var e = lid; e < K * BV; e += MWG) {
+        let src = sbase + s_off(e / BV, j0 + e % BV);
+        var x = 0.0;
+        if (r.z == 0u) {
+            x = state[src];
+        } else if (HAS_H0) {
+            x = h0[src];
+        }
+        s32[e] = x;
+    }
+
+    // Subgroup sg takes tiles sg, sg + nsg, ... in rounds; the round count must be uniform (naga
+    // requires uniform control flow around cooperative-matrix operations), so the subgroup count is
+    // read back uniformly, and a subgroup past the last tile redoes the last one (same inputs, same
+    // values written).
+    if (lid == 0u) {
+        sg_count = nsg;
+    }
+    let nsgu = workgroupUniformLoad(&sg_count);
+    let ct = BV / CT;               // tile columns
+    let nvt = (CH / CT) * ct;       // v_new tiles
+    let nst = (K / CT) * ct;        // S tiles
+    let nvi = (nvt + nsgu - 1u) / nsgu;
+    let nsi = (nst + nsgu - 1u) / nsgu;
+    // Registers for the next chunk, loaded one step ahead so their latency hides behind the
+    // current chunk's last products.
+    var nx: Fetched;
+    fetch(r.x, lid, hv, hk, &nx);
+    for (var lc = r.x; lc < r.y; lc++) {
+        workgroupBarrier(); // S of the previous chunk is complete; xs, s16 and fac are free
+        let ch = nx.ch;
+        let hb = (lc * HV + hv) * CH;
+        let gl = nx.gl;
+        if (lid < CH) {
+            fac[lid] = select(0.0, exp(gl - nx.gc), lid < ch.y);
+        }
+        let hbase = (lc * HV + hv) * K * V + j0;
+        for (var e = lid; e < K * BV; e += MWG) {
+            let x = s32[e];
+            h[hbase + (e / BV) * V + e % BV] = x;
+            s16[(e / BV) * SB + e % BV] = f16(x);
+        }
+        for (var x = 0u; x < NKR; x++) {
+            let e = lid + MWG * x;
+            xs[(e / K) * XK + e % K] = f16(-nx.w[x]); // rows past the chunk's end are 0
+        }
+        workgroupBarrier();
+
+        for (var it = 0u; it < nvi; it++) {
+            let t = min(sg + it * nsgu, nvt - 1u);
+            let i0 = (t / ct) * CT;
+            let c0 = (t % ct) * CT;
+            let up = &u[(hb + i0) * V + j0 + c0];
+            var acc = coopLoadT<MC>(up, V);
+            for (var m0 = 0u; m0 < K; m0 += CT) {
+                let ap = &xs[i0 * XK + m0];
+                let bp = &s16[m0 * SB + c0];
+                acc = coopMultiplyAdd(coopLoadT<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
+            }
+            let vp = &vn[(hb + i0) * V + j0 + c0];
+            coopStoreT(acc, vp, V);
+        }
+        storageBarrier();   // v_new in vn is visible to the whole workgroup
+        workgroupBarrier(); // every tile has read s16 and xs
+
+        var vr: array<f32, 8>;
+        for (var x = 0u; x < NVR; x++) {
+            let e = lid + MWG * x;
+            vr[x] = vn[(hb + e / BV) * V + j0 + e % BV];
+        }
+        for (var x = 0u; x < NVR; x++) {
+            let e = lid + MWG * x;
+            s16[(e / BV) * SB + e % BV] = f16(vr[x]);
+        }
+        for (var x = 0u; x < NKR; x++) {
+            let e = lid + MWG * x;
+            xs[(e / K) * XK + e % K] = f16(fac[e / K] * nx.k[x]);
+        }
+        workgroupBarrier();
+        if (lc + 1u < r.y) {
+            fetch(lc + 1u, lid, hv, hk, &nx);
+        }
+
+        let dl = exp(gl);
+        for (var it = 0u; it < nsi; it++) {
+            let t = min(sg + it * nsgu, nst - 1u);
+            let m0 = (t / ct) * CT;
+            let c0 = (t % ct) * CT;
+            let sp = &s32[m0 * BV + c0];
+            var acc = dl * coopLoadT<MC>(sp, BV);
+            for (var i0 = 0u; i0 < CH; i0 += CT) {
+                // (K ∘ fac)^T: element (m, i) at xs[i * XK + m], i.e. column-major with stride XK.
+                let ap = &xs[i0 * XK + m0];
+                let bp = &s16[i0 * SB + c0];
+                acc = coopMultiplyAdd(coopLoad<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
+            }
+            workgroupBarrier(); // every tile of this round is read before any is written
+            coopStoreT(acc, sp, BV);
+        }
+    }
+    workgroupBarrier();
+
+    for (var e = lid; e < K * BV; e += MWG) {
+        state[sbase + s_off(e / BV, j0 + e % BV)] = s32[e];
+    }
+}
