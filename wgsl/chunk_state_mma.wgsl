@@ -11,16 +11,15 @@
 //
 // One workgroup per (sequence, value head, BV value columns), MWG threads in subgroups; each
 // subgroup takes CT x CT output tiles in turn. Per chunk:
-//   1. S (f32, workgroup) -> h (global) and s16 (f16); -w -> xs (f16) from registers.
-//   2. v_new tiles: C = u (loaded from global), C += (-w) S; stored to vn (global).
-//   3. v_new (read back from vn) -> s16; K ∘ fac -> xs from registers; then the next chunk's w, k
-//      and gc are loaded into registers (the loads run during step 4).
+//   1. S (f32, workgroup) -> h (global) and s16 (f16); -w -> xs (f16) and u -> vs from registers.
+//   2. v_new tiles: C = u, C += (-w) S; stored to vs.
+//   3. v_new -> vn (global) and s16 (f16); K ∘ fac -> xs from registers; then the next chunk's w, k, u and gc are
+//      loaded into registers (the loads run during step 4), so no step waits on global memory.
 //   4. S tiles: C = exp(gc_last) S; C += (K ∘ fac)^T v_new; stored back.
 // Rows of xs and s16 are padded by 8 halves (16 bytes) so a tile's rows fall in different banks.
-// In step 4 every round of tiles is read before any is written (a subgroup with no tile left
-// repeats the last one, which must not see it half updated).
-// Host-checked: C * (K + 8) <= XN, K * (BV + 8) <= SN and C * (BV + 8) <= SN, K * BV <= 2048,
-// MWG divides C * K and C * BV.
+// In steps 2 and 4 every round of tiles is read before any is written (a subgroup with no tile
+// left repeats the last one, which must not see it half updated).
+// Host-checked: MWG divides C * K and C * BV, C * K / MWG <= 64 and C * BV / MWG <= 8.
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
@@ -32,27 +31,32 @@
 @group(0) @binding(9) var<storage, read_write> state: array<f32>;
 
 const MWG: u32 = 128u;
-const XN: u32 = 8704u;             // xs halves: C * (K + 8) for C = 64, K = 128
-const SN: u32 = 3072u;             // s16 halves: K * (BV + 8) for K = 128, BV = 16
 override XK: u32 = K + 8u;         // row stride of xs
 override SB: u32 = BV + 8u;        // row stride of s16
+// Workgroup array sizes (the host computes the same total, `mma_workgroup_bytes`).
+override XN: u32 = CH * XK;
+override SN: u32 = max(K, CH) * SB;
+override SSN: u32 = K * BV;
+override VSN: u32 = CH * BV;
 override NKR: u32 = CH * K / MWG;  // w and k elements per thread (<= 64)
 override NVR: u32 = CH * BV / MWG; // v_new elements per thread (<= 8)
 
 var<workgroup> xs: array<f16, XN>;     // [C][XK]: -w, then K ∘ fac
-var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new
-var<workgroup> s32: array<f32, 2048>;  // [K][BV]: S
+var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
+var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
+var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
 var<workgroup> fac: array<f32, 64>;    // exp(gc_last - gc_i), 0 past the chunk's end
 var<workgroup> seq_range: vec3<u32>;
 var<workgroup> sg_count: u32;
 
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
-// What a step reads from global memory before its products, for one thread: its share of the
-// chunk's w and k, the chunk's table entry, gc_last and gc of row lid.
+// What a step reads from global memory, for one thread: its share of the chunk's w, k and u, the
+// chunk's table entry, gc_last and gc of row lid.
 struct Fetched {
     w: array<f32, 64>,
     k: array<f32, 64>,
+    u: array<f32, 8>,
     ch: vec3<u32>,
     gl: f32,
     gc: f32,
@@ -60,7 +64,7 @@ struct Fetched {
 
 // Loads chunk lc's share for thread lid (fixed trip counts: every load is issued before the
 // first is waited for).
-fn fetch(lc: u32, lid: u32, hv: u32, hk: u32, f: ptr<function, Fetched>) {
+fn fetch(lc: u32, lid: u32, hv: u32, hk: u32, j0: u32, f: ptr<function, Fetched>) {
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
     for (var x = 0u; x < NKR; x++) {
@@ -68,6 +72,10 @@ fn fetch(lc: u32, lid: u32, hv: u32, hk: u32, f: ptr<function, Fetched>) {
         let i = e / K;
         (*f).w[x] = w[hb * K + e];
         (*f).k[x] = select(0.0, ld_k(((ch.x + min(i, ch.y - 1u)) * H + hk) * K + e % K), i < ch.y);
+    }
+    for (var x = 0u; x < NVR; x++) {
+        let e = lid + MWG * x;
+        (*f).u[x] = u[(hb + e / BV) * V + j0 + e % BV];
     }
     (*f).ch = ch;
     (*f).gl = gc[hb + ch.y - 1u];
@@ -132,7 +140,7 @@ fn main(
     // Registers for the next chunk, loaded one step ahead so their latency hides behind the
     // current chunk's last products.
     var nx: Fetched;
-    fetch(r.x, lid, hv, hk, &nx);
+    fetch(r.x, lid, hv, hk, j0, &nx);
     for (var lc = r.x; lc < r.y; lc++) {
         workgroupBarrier(); // S of the previous chunk is complete; xs, s16 and fac are free
         let ch = nx.ch;
@@ -151,33 +159,32 @@ fn main(
             let e = lid + MWG * x;
             xs[(e / K) * XK + e % K] = f16(-nx.w[x]); // rows past the chunk's end are 0
         }
+        for (var x = 0u; x < NVR; x++) {
+            vs[lid + MWG * x] = nx.u[x];
+        }
         workgroupBarrier();
 
         for (var it = 0u; it < nvi; it++) {
             let t = min(sg + it * nsgu, nvt - 1u);
             let i0 = (t / ct) * CT;
             let c0 = (t % ct) * CT;
-            let up = &u[(hb + i0) * V + j0 + c0];
-            var acc = coopLoadT<MC>(up, V);
+            let up = &vs[i0 * BV + c0];
+            var acc = coopLoadT<MC>(up, BV);
             for (var m0 = 0u; m0 < K; m0 += CT) {
                 let ap = &xs[i0 * XK + m0];
                 let bp = &s16[m0 * SB + c0];
                 acc = coopMultiplyAdd(coopLoadT<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
             }
-            let vp = &vn[(hb + i0) * V + j0 + c0];
-            coopStoreT(acc, vp, V);
+            workgroupBarrier(); // every tile of this round is read before any is written
+            coopStoreT(acc, up, BV);
         }
-        storageBarrier();   // v_new in vn is visible to the whole workgroup
-        workgroupBarrier(); // every tile has read s16 and xs
+        workgroupBarrier(); // v_new is complete in vs; every tile has read s16 and xs
 
-        var vr: array<f32, 8>;
         for (var x = 0u; x < NVR; x++) {
             let e = lid + MWG * x;
-            vr[x] = vn[(hb + e / BV) * V + j0 + e % BV];
-        }
-        for (var x = 0u; x < NVR; x++) {
-            let e = lid + MWG * x;
-            s16[(e / BV) * SB + e % BV] = f16(vr[x]);
+            let x = vs[e];
+            s16[(e / BV) * SB + e % BV] = f16(x);
+            vn[(hb + e / BV) * V + j0 + e % BV] = x;
         }
         for (var x = 0u; x < NKR; x++) {
             let e = lid + MWG * x;
@@ -185,7 +192,7 @@ fn main(
         }
         workgroupBarrier();
         if (lc + 1u < r.y) {
-            fetch(lc + 1u, lid, hv, hk, &nx);
+            fetch(lc + 1u, lid, hv, hk, j0, &nx);
         }
 
         let dl = exp(gl);

@@ -12,12 +12,6 @@ pub const TILE: u32 = 4096;
 /// decay factors and the sequence range), in bytes; the device must grant at least this much
 /// (Apple GPUs grant 32 KiB).
 pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 1024 + 2048 + 64 + 4);
-/// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`): xs, s16,
-/// s32, fac and the sequence range.
-pub const MMA_WORKGROUP_BYTES: u32 = 2 * MMA_XN + 2 * MMA_SN + 4 * 2048 + 4 * 64 + 16;
-/// `XN` and `SN` in `wgsl/chunk_state_mma.wgsl`: its staged operands, in halves.
-const MMA_XN: u32 = 8704;
-const MMA_SN: u32 = 3072;
 /// Default bound on the scratch memory of one window of chunks (see [`max_local_chunks`]).
 pub const DEFAULT_WINDOW_BYTES: u64 = 512 << 20;
 
@@ -48,19 +42,25 @@ impl ChunkSpec {
         ChunkSpec { chunk, bv, bvo, bd, mma: None }
     }
 
-    /// Whether the cooperative-matrix state walk fits these tiles with `tile` x `tile` matrices and
-    /// head dim `k` (its workgroup arrays: `XN`, `SN` and 2048 floats of S).
-    pub fn mma_fits(&self, k: usize, tile: u32) -> bool {
+    /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
+    /// these tiles and head dim `k`: xs, s16, s32, vs, fac and two words, in bytes.
+    pub fn mma_workgroup_bytes(&self, k: usize) -> u32 {
         let (k, c, bv) = (k as u32, self.chunk, self.bv);
+        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + 4 * c * bv + 4 * 64 + 32
+    }
+
+    /// Whether the cooperative-matrix state walk runs these tiles with `tile` x `tile` matrices,
+    /// head dim `k` and `max_bytes` of workgroup memory (its register arrays hold 64 and 8 values).
+    pub fn mma_fits(&self, k: usize, tile: u32, max_bytes: u32) -> bool {
+        let (k32, c, bv) = (k as u32, self.chunk, self.bv);
         bv % tile == 0
-            && k % tile == 0
+            && k32 % tile == 0
             && c % tile == 0
-            && c * (k + 8) <= MMA_XN
-            && k * (bv + 8) <= MMA_SN
-            && c * (bv + 8) <= MMA_SN
-            && k * bv <= 2048
-            && c * k % 128 == 0
+            && c * k32 % 128 == 0
+            && c * k32 / 128 <= 64
             && c * bv % 128 == 0
+            && c * bv / 128 <= 8
+            && self.mma_workgroup_bytes(k) <= max_bytes
     }
 
     /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same
@@ -272,6 +272,19 @@ mod tests {
         assert_eq!(windows(&p, 64, l).len(), 4);
         assert_eq!(l, 64);
         assert!(scratch_bytes(&p, 64, l) <= DEFAULT_WINDOW_BYTES);
+    }
+
+    /// Where the cooperative-matrix state walk runs: NVIDIA's 48 KiB take chunk 64 at K=128; Apple's
+    /// 32 KiB need chunk 32 there; K=256 stays on the SIMT walk (its register arrays).
+    #[test]
+    fn mma_state_walk_fits() {
+        let s = |c| ChunkSpec::choose(c, 128, 128);
+        assert!(s(64).mma_fits(128, 16, 48 << 10));
+        assert!(!s(64).mma_fits(128, 8, 32 << 10));
+        assert!(s(32).mma_fits(128, 8, 32 << 10));
+        assert!(s(16).mma_fits(16, 16, 32 << 10));
+        assert!(!ChunkSpec::choose(64, 256, 128).mma_fits(256, 16, 48 << 10));
+        assert!(!ChunkSpec::choose(64, 48, 48).mma_fits(48, 32, 48 << 10));
     }
 
     /// The perf cases of issue #3 fit a 2 GiB binding and the grid limits.

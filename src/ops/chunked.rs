@@ -17,8 +17,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::PassGraph;
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, MMA_WORKGROUP_BYTES, WG,
-    WORKGROUP_BYTES,
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
 use crate::problem::{DType, Problem};
@@ -67,9 +66,7 @@ fn record(
     let mut spec = ChunkSpec::choose(chunk, d.k, d.v);
     // Tensor cores for f16/bf16 inputs (their f16 operands are within those inputs' tolerance, not
     // within f32's), where the adapter offers them and the tiles fit.
-    spec.mma = caps.mma_tile().filter(|&t| {
-        p.dtype != DType::F32 && spec.mma_fits(d.k, t) && caps.max_workgroup_storage >= MMA_WORKGROUP_BYTES
-    });
+    spec.mma = caps.mma_tile().filter(|&t| p.dtype != DType::F32 && spec.mma_fits(d.k, t, caps.max_workgroup_storage));
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
     if caps.max_workgroup_storage < WORKGROUP_BYTES {
         return Err(Error::MissingFeature(format!(
