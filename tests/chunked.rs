@@ -265,10 +265,13 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
     }
     let eo = rel_err(&o, &o_ref);
     let tol = fwd_tol(c.dtype);
-    if !(eo <= tol) {
+    if eo.is_nan() || eo > tol {
         // Where the output is off: (row, value head, column) of the first elements.
         let bad: Vec<String> = (0..o.len())
-            .filter(|&i| !((o[i] as f64 - o_ref[i]).abs() <= 0.1 * (1.0 + o_ref[i].abs())))
+            .filter(|&i| {
+                let d = (o[i] as f64 - o_ref[i]).abs();
+                d.is_nan() || d > 0.1 * (1.0 + o_ref[i].abs())
+            })
             .take(12)
             .map(|i| format!("({}, {}, {}): {} vs {:.4}", i / (c.hv * c.v), i / c.v % c.hv, i % c.v, o[i], o_ref[i]))
             .collect();
