@@ -7,7 +7,7 @@
 //     S      = exp(gc_last) S + (K ∘ exp(gc_last - gc))^T v_new
 // and at the end the state is written to `state` (the carry between windows, and ht) in the
 // call's layout. gc_last - gc_i <= 0, so every factor is at most 1.
-// Outputs h [L, HV, K, V], vn [L, HV, C, V], state [N, HV, K, V] (kv) or [N, HV, V, K] (vk).
+// Bindings and outputs: chunk_state_common.wgsl.
 //
 // Grid: (HV * V / BV, sequences on y/z): sequential over chunks, parallel over sequences, heads and
 // tiles of BV value columns. The K x BV state tile and the chunk's C x BV v_new tile live in
@@ -17,15 +17,6 @@
 //   v_new: thread (row i, column group) computes 4 columns of row i over K in slices of KS.
 //   update: thread (row group, column group) owns RM rows x 4 columns of S in registers and sums
 //   over the chunk's rows in slices of IS rows of k (pre-scaled by exp(gc_last - gc_i)).
-
-@group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> gc: array<f32>;
-@group(0) @binding(4) var<storage, read> w: array<f32>;
-@group(0) @binding(5) var<storage, read> u: array<f32>;
-@group(0) @binding(6) var<storage, read> h0: array<f32>;
-@group(0) @binding(7) var<storage, read_write> h: array<f32>;
-@group(0) @binding(8) var<storage, read_write> vn: array<f32>;
-@group(0) @binding(9) var<storage, read_write> state: array<f32>;
 
 const KS: u32 = 16u;         // w slice: C rows x KS columns, row stride KS + 1 (no bank conflicts)
 const STG: u32 = 2048u;      // staging floats: C * (KS + 1) and IS * K fit
@@ -42,13 +33,6 @@ var<workgroup> stg: array<f32, STG>;
 var<workgroup> fac: array<f32, 64>;   // exp(gc_last - gc_i)
 var<workgroup> seq_range: vec3<u32>;
 
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
-
-// Offset of S[i][j] inside one K x V state in the call's layout.
-fn s_off(i: u32, j: u32) -> u32 {
-    return select(i * V + j, j * K + i, LAYOUT_VK);
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = local_chunk(wid);
@@ -60,8 +44,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let j0 = (wid.x % tiles) * BV;
     let hk = hv / GROUP;
     if (lid == 0u) {
-        let b = P.seq_off + 3u * n;
-        seq_range = vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+        seq_range = seq_range_of(n);
     }
     let r = workgroupUniformLoad(&seq_range);
     if (r.x == r.y && r.z == 0u) {
@@ -69,14 +52,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let sbase = (n * HV + hv) * K * V;
     for (var e = lid; e < K * BV; e += WG) {
-        let src = sbase + s_off(e / BV, j0 + e % BV);
-        var x = 0.0;
-        if (r.z == 0u) {
-            x = state[src];
-        } else if (HAS_H0) {
-            x = h0[src];
-        }
-        s[e / 4u][e % 4u] = x;
+        s[e / 4u][e % 4u] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
     }
 
     let cg = lid % (BV / 4u);

@@ -21,15 +21,6 @@
 // left repeats the last one, which must not see it half updated).
 // Host-checked: MWG divides C * K and C * BV, C * K / MWG <= 64 and C * BV / MWG <= 8.
 
-@group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> gc: array<f32>;
-@group(0) @binding(4) var<storage, read> w: array<f32>;
-@group(0) @binding(5) var<storage, read> u: array<f32>;
-@group(0) @binding(6) var<storage, read> h0: array<f32>;
-@group(0) @binding(7) var<storage, read_write> h: array<f32>;
-@group(0) @binding(8) var<storage, read_write> vn: array<f32>;
-@group(0) @binding(9) var<storage, read_write> state: array<f32>;
-
 const MWG: u32 = 128u;
 override XK: u32 = K + 8u;         // row stride of xs
 override SB: u32 = BV + 8u;        // row stride of s16
@@ -48,8 +39,6 @@ var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
 var<workgroup> fac: array<f32, 64>;    // exp(gc_last - gc_i), 0 past the chunk's end
 var<workgroup> seq_range: vec3<u32>;
 var<workgroup> sg_count: u32;
-
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
 // What a step reads from global memory, for one thread: its share of the chunk's w, k and u, the
 // chunk's table entry, gc_last and gc of row lid.
@@ -82,11 +71,6 @@ fn fetch(lc: u32, lid: u32, hv: u32, hk: u32, j0: u32, f: ptr<function, Fetched>
     (*f).gc = gc[hb + min(lid, CH - 1u)];
 }
 
-// Offset of S[i][j] inside one K x V state in the call's layout.
-fn s_off(i: u32, j: u32) -> u32 {
-    return select(i * V + j, j * K + i, LAYOUT_VK);
-}
-
 @compute @workgroup_size(MWG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -105,8 +89,7 @@ fn main(
     let j0 = (wid.x % tiles) * BV;
     let hk = hv / GROUP;
     if (lid == 0u) {
-        let b = P.seq_off + 3u * n;
-        seq_range = vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+        seq_range = seq_range_of(n);
     }
     let r = workgroupUniformLoad(&seq_range);
     if ((r.x == r.y) & (r.z == 0u)) { // `&`: naga lowers `&&` through a non-uniform local
@@ -114,14 +97,7 @@ fn main(
     }
     let sbase = (n * HV + hv) * K * V;
     for (var e = lid; e < K * BV; e += MWG) {
-        let src = sbase + s_off(e / BV, j0 + e % BV);
-        var x = 0.0;
-        if (r.z == 0u) {
-            x = state[src];
-        } else if (HAS_H0) {
-            x = h0[src];
-        }
-        s32[e] = x;
+        s32[e] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
     }
 
     // Subgroup sg takes tiles sg, sg + nsg, ... in rounds; the round count must be uniform (naga

@@ -32,6 +32,7 @@ pub mod src {
     pub const CHUNK_CUMSUM: &str = include_str!("../../wgsl/chunk_cumsum.wgsl");
     pub const CHUNK_KKT_SOLVE: &str = include_str!("../../wgsl/chunk_kkt_solve.wgsl");
     pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
+    pub const CHUNK_STATE_COMMON: &str = include_str!("../../wgsl/chunk_state_common.wgsl");
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
@@ -228,6 +229,9 @@ pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: 
     }
     if kernel.chunked() {
         s.push_str(src::CHUNK_COMMON);
+    }
+    if matches!(kernel, Kernel::ChunkState | Kernel::ChunkStateMma) {
+        s.push_str(src::CHUNK_STATE_COMMON);
     }
     if kernel.accumulates() {
         s.push_str(match accum.unwrap_or(Accum::CasLoop) {

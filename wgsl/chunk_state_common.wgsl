@@ -1,0 +1,36 @@
+// chunk_state_common.wgsl — shared by the two state walks (chunk_state.wgsl on SIMT,
+// chunk_state_mma.wgsl on cooperative matrices): their bindings and the reads around the walk.
+// Outputs h [L, HV, K, V], vn [L, HV, C, V], state [N, HV, K, V] (kv) or [N, HV, V, K] (vk).
+
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> gc: array<f32>;
+@group(0) @binding(4) var<storage, read> w: array<f32>;
+@group(0) @binding(5) var<storage, read> u: array<f32>;
+@group(0) @binding(6) var<storage, read> h0: array<f32>;
+@group(0) @binding(7) var<storage, read_write> h: array<f32>;
+@group(0) @binding(8) var<storage, read_write> vn: array<f32>;
+@group(0) @binding(9) var<storage, read_write> state: array<f32>;
+
+fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+
+// Offset of S[i][j] inside one K x V state in the call's layout.
+fn s_off(i: u32, j: u32) -> u32 {
+    return select(i * V + j, j * K + i, LAYOUT_VK);
+}
+
+// (lo, hi, first) of sequence n in this window (see chunk_common.wgsl).
+fn seq_range_of(n: u32) -> vec3<u32> {
+    let b = P.seq_off + 3u * n;
+    return vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+}
+
+// The state the walk starts from at offset `at`: carried from the previous window, h0, or zero.
+fn start_state(at: u32, r: vec3<u32>) -> f32 {
+    if (r.z == 0u) {
+        return state[at];
+    }
+    if (HAS_H0) {
+        return h0[at];
+    }
+    return 0.0;
+}
