@@ -254,6 +254,34 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
         ("v_new", rel_err(&unpad(&s, &s.v_new, rows, c.hv, ch, c.v), &fh.v_new)),
         ("h", rel_err(&s.h[..fh.h.len()], &fh.h)),
     ];
+    // The w/u pass's f16 operands of the cooperative-matrix walk: -w rounded to nearest even (bit
+    // for bit against the `half` crate, from the pass's own f32 w), and K ∘ exp(gc_last - gc).
+    let (hv, kdim) = (c.hv, c.k);
+    let mut kd_ref = vec![0.0f64; s.wk16.len() / 2];
+    let mut kd_got = vec![0.0f32; s.wk16.len() / 2];
+    for (lc, &[start, len, _]) in s.chunks.iter().enumerate() {
+        for h in 0..hv {
+            let plane = (lc * hv + h) * 2 * ch * kdim;
+            let last = start as usize + len as usize - 1;
+            for i in 0..ch {
+                for m in 0..kdim {
+                    let at = (lc * hv + h) * ch * kdim + i * kdim + m;
+                    let w16 = s.wk16[plane + i * kdim + m];
+                    let want = half::f16::from_f32(-s.w[at]).to_bits();
+                    assert_eq!(w16, want, "{}: -w as f16 at chunk {lc} head {h} ({i}, {m})", c.label());
+                    kd_got[at] = half::f16::from_bits(s.wk16[plane + ch * kdim + i * kdim + m]).to_f32();
+                    if i < len as usize {
+                        let row = start as usize + i;
+                        let kk = k[(row * c.h + h / (hv / c.h)) * kdim + m];
+                        kd_ref[at] = kk * (gc[last * hv + h] - gc[row * hv + h]).exp();
+                    }
+                }
+            }
+        }
+    }
+    let ekd = rel_err(&kd_got, &kd_ref);
+    assert!(ekd <= 2e-3, "{}: K ∘ decay as f16 off by {ekd:.2e}", c.label());
+
     let o = e.download(&s.out.o).unwrap().to_f32();
     let mut o_ref = rc::chunk_fwd_o(&p, &q, &k, &fh.v_new, &fh.h, &gc, ch);
     if let Some(m) = mask {
@@ -277,7 +305,7 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
             .collect();
         println!("o off at {bad:?}");
     }
-    print!("stages C={chunk:<2} {:<100}", c.label());
+    print!("stages C={chunk:<2} {:<100} kd16 {ekd:.1e}", c.label());
     for (n, x) in errs.iter().chain([("o", eo)].iter()) {
         print!(" {n} {x:.1e}");
     }

@@ -18,6 +18,8 @@
 //   update: thread (row group, column group) owns RM rows x 4 columns of S in registers and sums
 //   over the chunk's rows in slices of IS rows of k (pre-scaled by exp(gc_last - gc_i)).
 
+@group(0) @binding(4) var<storage, read> w: array<f32>;
+
 const KS: u32 = 16u;         // w slice: C rows x KS columns, row stride KS + 1 (no bank conflicts)
 const STG: u32 = 2048u;      // staging floats: C * (KS + 1) and IS * K fit
 override IS: u32 = min(CH, 2048u / K);  // k slice rows (K <= 256: at least 8; C is a power of two)

@@ -4,7 +4,8 @@
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
-@group(0) @binding(4) var<storage, read> w: array<f32>;
+// Binding 4 is each walk's own: w (f32) for chunk_state.wgsl, the packed f16 operands for
+// chunk_state_mma.wgsl.
 @group(0) @binding(5) var<storage, read> u: array<f32>;
 @group(0) @binding(6) var<storage, read> h0: array<f32>;
 @group(0) @binding(7) var<storage, read_write> h: array<f32>;

@@ -8,20 +8,26 @@
 // Apple). Operands of the products are f16 (-w, S, K ∘ fac, v_new); products and S accumulate in
 // f32, so the state itself never loses precision between chunks; this is the precision of FLA's
 // kernel for f16/bf16 inputs and is used for those only (f32 inputs take chunk_state.wgsl).
+// The f16 operands -w and K ∘ fac (fac_i = exp(gc_last - gc_i)) come ready from the w/u pass
+// (`wk16`, PACK16), so a step only copies them: each thread moves a few 4-half vectors per operand,
+// with no decoding, exponentials or conversions on the sequential path.
 //
 // One workgroup per (sequence, value head, BV value columns), MWG threads in subgroups; each
 // subgroup takes CT x CT output tiles in turn. Per chunk:
-//   1. S (f32, workgroup) -> h (global) and s16 (f16); -w -> xs (f16) and u -> vs from registers.
+//   1. S (f32, workgroup) -> h (global) and s16 (f16); -w -> xs and u -> vs from registers.
 //   2. v_new tiles: C = u, C += (-w) S; stored to vs.
-//   3. v_new -> vn (global) and s16 (f16); K ∘ fac -> xs from registers; then the next chunk's w, k, u and gc are
-//      loaded into registers (the loads run during step 4), so no step waits on global memory.
+//   3. v_new -> vn (global) and s16 (f16); K ∘ fac -> xs from registers; then the next chunk's
+//      operands are loaded into registers (the loads run during step 4), so no step waits on
+//      global memory.
 //   4. S tiles: C = exp(gc_last) S; C += (K ∘ fac)^T v_new; stored back.
 // Rows of xs and s16 are padded by 8 halves (16 bytes) so a tile's rows fall in different banks.
 // In steps 2 and 4 every round of tiles is read before any is written (a subgroup with no tile
 // left repeats the last one, which must not see it half updated).
-// Host-checked: MWG divides C * K and C * BV, C * K / MWG <= 64 and C * BV / MWG <= 8.
+// Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG, MWG divides C * BV, C * BV / MWG <= 4.
 
-const MWG: u32 = 128u;
+@group(0) @binding(4) var<storage, read> wk: array<vec4<f16>>; // wk16 of chunk_common.wgsl
+
+const MWG: u32 = 256u;
 override XK: u32 = K + 8u;         // row stride of xs
 override SB: u32 = BV + 8u;        // row stride of s16
 // Workgroup array sizes (the host computes the same total, `mma_workgroup_bytes`).
@@ -29,46 +35,57 @@ override XN: u32 = CH * XK;
 override SN: u32 = max(K, CH) * SB;
 override SSN: u32 = K * BV;
 override VSN: u32 = CH * BV;
-override NKR: u32 = CH * K / MWG;  // w and k elements per thread (<= 64)
-override NVR: u32 = CH * BV / MWG; // v_new elements per thread (<= 8)
+override NW4: u32 = CH * K / 4u;            // 4-half vectors per operand plane
+override NQ: u32 = (NW4 + MWG - 1u) / MWG;  // of them per thread (<= 8)
+override NVR: u32 = CH * BV / MWG;          // u / v_new elements per thread (<= 4)
 
 var<workgroup> xs: array<f16, XN>;     // [C][XK]: -w, then K ∘ fac
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
 var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
 var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
-var<workgroup> fac: array<f32, 64>;    // exp(gc_last - gc_i), 0 past the chunk's end
 var<workgroup> seq_range: vec3<u32>;
 var<workgroup> sg_count: u32;
 
-// What a step reads from global memory, for one thread: its share of the chunk's w, k and u, the
-// chunk's table entry, gc_last and gc of row lid.
+// What a step reads from global memory, for one thread: its words of the chunk's -w and K ∘ fac,
+// its share of u, and gc_last.
 struct Fetched {
-    w: array<f32, 64>,
-    k: array<f32, 64>,
-    u: array<f32, 8>,
-    ch: vec3<u32>,
+    w: array<vec4<f16>, 8>,
+    k: array<vec4<f16>, 8>,
+    u: array<f32, 4>,
     gl: f32,
-    gc: f32,
 }
 
 // Loads chunk lc's share for thread lid (fixed trip counts: every load is issued before the
 // first is waited for).
-fn fetch(lc: u32, lid: u32, hv: u32, hk: u32, j0: u32, f: ptr<function, Fetched>) {
+fn fetch(lc: u32, lid: u32, hv: u32, j0: u32, f: ptr<function, Fetched>) {
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
-    for (var x = 0u; x < NKR; x++) {
-        let e = lid + MWG * x;
-        let i = e / K;
-        (*f).w[x] = w[hb * K + e];
-        (*f).k[x] = select(0.0, ld_k(((ch.x + min(i, ch.y - 1u)) * H + hk) * K + e % K), i < ch.y);
+    let pw = (lc * HV + hv) * 2u * NW4;
+    for (var x = 0u; x < NQ; x++) {
+        let e = min(lid + MWG * x, NW4 - 1u); // (a clamped vector is loaded but not stored)
+        (*f).w[x] = wk[pw + e];
+        (*f).k[x] = wk[pw + NW4 + e];
     }
     for (var x = 0u; x < NVR; x++) {
         let e = lid + MWG * x;
         (*f).u[x] = u[(hb + e / BV) * V + j0 + e % BV];
     }
-    (*f).ch = ch;
     (*f).gl = gc[hb + ch.y - 1u];
-    (*f).gc = gc[hb + min(lid, CH - 1u)];
+}
+
+// Stores this thread's vectors of one operand plane into xs ([C][XK] f16).
+fn stage(vecs: array<vec4<f16>, 8>, lid: u32) {
+    for (var x = 0u; x < NQ; x++) {
+        let e = lid + MWG * x;
+        if (e < NW4) {
+            let at = (e * 4u / K) * XK + (e * 4u) % K;
+            let v = vecs[x];
+            xs[at] = v.x;
+            xs[at + 1u] = v.y;
+            xs[at + 2u] = v.z;
+            xs[at + 3u] = v.w;
+        }
+    }
 }
 
 @compute @workgroup_size(MWG)
@@ -87,7 +104,6 @@ fn main(
     let tiles = V / BV;
     let hv = wid.x / tiles;
     let j0 = (wid.x % tiles) * BV;
-    let hk = hv / GROUP;
     if (lid == 0u) {
         seq_range = seq_range_of(n);
     }
@@ -116,25 +132,18 @@ fn main(
     // Registers for the next chunk, loaded one step ahead so their latency hides behind the
     // current chunk's last products.
     var nx: Fetched;
-    fetch(r.x, lid, hv, hk, j0, &nx);
+    fetch(r.x, lid, hv, j0, &nx);
     for (var lc = r.x; lc < r.y; lc++) {
-        workgroupBarrier(); // S of the previous chunk is complete; xs, s16 and fac are free
-        let ch = nx.ch;
+        workgroupBarrier(); // S of the previous chunk is complete; xs and s16 are free
         let hb = (lc * HV + hv) * CH;
         let gl = nx.gl;
-        if (lid < CH) {
-            fac[lid] = select(0.0, exp(gl - nx.gc), lid < ch.y);
-        }
         let hbase = (lc * HV + hv) * K * V + j0;
         for (var e = lid; e < K * BV; e += MWG) {
             let x = s32[e];
             h[hbase + (e / BV) * V + e % BV] = x;
             s16[(e / BV) * SB + e % BV] = f16(x);
         }
-        for (var x = 0u; x < NKR; x++) {
-            let e = lid + MWG * x;
-            xs[(e / K) * XK + e % K] = f16(-nx.w[x]); // rows past the chunk's end are 0
-        }
+        stage(nx.w, lid); // -w: rows past the chunk's end are 0
         for (var x = 0u; x < NVR; x++) {
             vs[lid + MWG * x] = nx.u[x];
         }
@@ -162,13 +171,10 @@ fn main(
             s16[(e / BV) * SB + e % BV] = f16(x);
             vn[(hb + e / BV) * V + j0 + e % BV] = x;
         }
-        for (var x = 0u; x < NKR; x++) {
-            let e = lid + MWG * x;
-            xs[(e / K) * XK + e % K] = f16(fac[e / K] * nx.k[x]);
-        }
+        stage(nx.k, lid);
         workgroupBarrier();
         if (lc + 1u < r.y) {
-            fetch(lc + 1u, lid, hv, hk, j0, &nx);
+            fetch(lc + 1u, lid, hv, j0, &nx);
         }
 
         let dl = exp(gl);

@@ -29,6 +29,33 @@ fn half_to_f32(h: u32) -> f32 {
     return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
 }
 
+// f32 -> IEEE half bits, rounded to nearest even (overflow to inf, NaN kept), by bit operations
+// for the same reason: pack2x16float needs SHADER_F16_IN_F32.
+fn f32_to_half(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let sign = (b >> 16u) & 0x8000u;
+    let a = b & 0x7fffffffu;
+    if (a >= 0x7f800000u) {
+        return sign | 0x7c00u | select(0u, 0x200u, a > 0x7f800000u);
+    }
+    if (a >= 0x477ff000u) {
+        return sign | 0x7c00u; // at least 65520: rounds past the largest half
+    }
+    if (a >= 0x38800000u) {
+        // Normal: rebias the exponent by 127 - 15 and round the 13 dropped bits to even (a carry
+        // out of the mantissa correctly bumps the exponent).
+        let m = a - 0x38000000u;
+        return sign | ((m + 0xfffu + ((m >> 13u) & 1u)) >> 13u);
+    }
+    // Subnormal or zero: |x| * 2^24 is exact in f32, and round() rounds halves to even.
+    return sign | u32(round(bitcast<f32>(a) * 16777216.0));
+}
+
+// Two values as the halves of one word (a in the low half), like pack2x16float.
+fn pack_halves(a: f32, b: f32) -> u32 {
+    return f32_to_half(a) | (f32_to_half(b) << 16u);
+}
+
 // Element i, given the word that holds it.
 fn decode(dt: u32, w: u32, i: u32) -> f32 {
     if (dt == DT_F32) {

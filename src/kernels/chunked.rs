@@ -28,6 +28,9 @@ pub struct ChunkSpec {
     pub bd: u32,
     /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
     pub mma: Option<u32>,
+    /// The w/u pass also writes the f16 operands of the cooperative-matrix state walk (`PACK16`):
+    /// always with `mma`, and in stage tests, which check them on any device.
+    pub pack16: bool,
 }
 
 impl ChunkSpec {
@@ -39,27 +42,27 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd, mma: None }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None, pack16: false }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
-    /// these tiles and head dim `k`: xs, s16, s32, vs, fac and two words, in bytes.
+    /// these tiles and head dim `k`: xs, s16, s32, vs and two words, in bytes.
     pub fn mma_workgroup_bytes(&self, k: usize) -> u32 {
         let (k, c, bv) = (k as u32, self.chunk, self.bv);
-        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + 4 * c * bv + 4 * 64 + 32
+        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + 4 * c * bv + 32
     }
 
     /// Whether the cooperative-matrix state walk runs these tiles with `tile` x `tile` matrices,
-    /// head dim `k` and `max_bytes` of workgroup memory (its register arrays hold 64 and 8 values).
+    /// head dim `k` and `max_bytes` of workgroup memory (its 256 threads hold at most 8 vectors of
+    /// 4 halves per operand and 4 values of u each: `NQ`, `NVR` in the WGSL).
     pub fn mma_fits(&self, k: usize, tile: u32, max_bytes: u32) -> bool {
         let (k32, c, bv) = (k as u32, self.chunk, self.bv);
         bv % tile == 0
             && k32 % tile == 0
             && c % tile == 0
-            && c * k32 % 128 == 0
-            && c * k32 / 128 <= 64
-            && c * bv % 128 == 0
-            && c * bv / 128 <= 8
+            && c * k32 <= 8 * 4 * 256
+            && c * bv % 256 == 0
+            && c * bv / 256 <= 4
             && self.mma_workgroup_bytes(k) <= max_bytes
     }
 
@@ -88,6 +91,7 @@ impl ChunkSpec {
                 ("BV", self.bv as f64),
                 ("BVO", self.bvo as f64),
                 ("BD", self.bd as f64),
+                ("PACK16", b(self.pack16)),
             ],
         );
         match (kernel.mma(), self.mma) {
@@ -168,19 +172,21 @@ pub fn windows(p: &Problem, chunk: usize, max_local: usize) -> Vec<Window> {
         .collect()
 }
 
-/// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h.
-pub fn scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 7] {
+/// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h, and with `packed` (the
+/// cooperative-matrix state walk) the f16 operands -w and K ∘ decay (0 without).
+pub fn scratch_per_chunk(p: &Problem, chunk: usize, packed: bool) -> [u64; 8] {
     let d = &p.dims;
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4;
-    [f * hv * c, f * hv * c, f * hv * c * c, f * hv * c * k, f * hv * c * v, f * hv * c * v, f * hv * k * v]
+    let wk16 = if packed { 2 * 2 * hv * c * k } else { 0 };
+    [f * hv * c, f * hv * c, f * hv * c * c, f * hv * c * k, f * hv * c * v, f * hv * c * v, f * hv * k * v, wk16]
 }
 
 /// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest
 /// power of two that does (so pooled buffers are not rounded up), never so many that one buffer
 /// exceeds `max_binding`. At least 1.
-pub fn max_local_chunks(p: &Problem, chunk: usize, budget: u64, max_binding: u64) -> usize {
-    let per = scratch_per_chunk(p, chunk);
+pub fn max_local_chunks(p: &Problem, chunk: usize, packed: bool, budget: u64, max_binding: u64) -> usize {
+    let per = scratch_per_chunk(p, chunk, packed);
     let total: usize = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(chunk)).sum();
     let per_total: u64 = per.iter().sum();
     let per_max = per.iter().copied().max().unwrap_or(1).max(1);
@@ -197,12 +203,14 @@ pub fn max_local_chunks(p: &Problem, chunk: usize, budget: u64, max_binding: u64
     l as usize
 }
 
-/// Peak scratch bytes of a forward of `p` with windows of `max_local` chunks, as the pool holds
+/// Peak scratch bytes of a forward of `p` with windows of `max_local` chunks (`packed`: with the
+/// cooperative-matrix state walk's f16 operands), as the pool holds
 /// them (each buffer rounded up to a power of two), plus the chunk table and the carried state.
-pub fn scratch_bytes(p: &Problem, chunk: usize, max_local: usize) -> u64 {
+pub fn scratch_bytes(p: &Problem, chunk: usize, packed: bool, max_local: usize) -> u64 {
     let ws = windows(p, chunk, max_local);
     let l = ws.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
-    let bufs: u64 = scratch_per_chunk(p, chunk).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
+    let per = scratch_per_chunk(p, chunk, packed);
+    let bufs: u64 = per.iter().filter(|&&b| b > 0).map(|&b| (b * l).max(16).next_power_of_two()).sum();
     let d = &p.dims;
     let carry = if p.output_final_state { 0 } else { (p.n_seqs() * d.hv * d.k * d.v * 4) as u64 };
     bufs + carry.max(16).next_power_of_two()
@@ -255,23 +263,26 @@ mod tests {
         }
     }
 
-    /// Peak scratch of the issue's memory case: B=1, T=16384, HV=32, K=V=128, chunk 64.
+    /// Peak scratch of the issue's memory case: B=1, T=16384, HV=32, K=V=128, chunk 64, without and
+    /// with the cooperative-matrix walk's f16 operands.
     #[test]
     fn scratch_for_long_sequence() {
         let p = problem(1, 16384, 32, 128, None);
-        let whole = max_local_chunks(&p, 64, u64::MAX, u64::MAX);
-        let l = max_local_chunks(&p, 64, DEFAULT_WINDOW_BYTES, 2 << 30);
-        let per: u64 = scratch_per_chunk(&p, 64).iter().sum();
-        println!(
-            "B=1 T=16384 HV=32 K=V=128 C=64: {per} bytes per chunk; all {whole} chunks at once would take {} MiB; \
-             windows of {l} chunks: peak scratch {} MiB",
-            scratch_bytes(&p, 64, whole) >> 20,
-            scratch_bytes(&p, 64, l) >> 20
-        );
-        assert_eq!(whole, 256);
-        assert_eq!(windows(&p, 64, l).len(), 4);
-        assert_eq!(l, 64);
-        assert!(scratch_bytes(&p, 64, l) <= DEFAULT_WINDOW_BYTES);
+        for packed in [false, true] {
+            let whole = max_local_chunks(&p, 64, packed, u64::MAX, u64::MAX);
+            let l = max_local_chunks(&p, 64, packed, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let per: u64 = scratch_per_chunk(&p, 64, packed).iter().sum();
+            println!(
+                "B=1 T=16384 HV=32 K=V=128 C=64 (f16 operands: {packed}): {per} bytes per chunk; all {whole} chunks \
+                 at once would take {} MiB; windows of {l} chunks: peak scratch {} MiB",
+                scratch_bytes(&p, 64, packed, whole) >> 20,
+                scratch_bytes(&p, 64, packed, l) >> 20
+            );
+            assert_eq!(whole, 256);
+            assert_eq!(windows(&p, 64, l).len(), 4);
+            assert_eq!(l, 64);
+            assert!(scratch_bytes(&p, 64, packed, l) <= DEFAULT_WINDOW_BYTES);
+        }
     }
 
     /// Where the cooperative-matrix state walk runs: NVIDIA's 48 KiB take chunk 64 at K=128; Apple's
@@ -293,9 +304,9 @@ mod tests {
         for (b, t) in [(1, 16384), (8, 8192)] {
             let p = problem(b, t, 32, 128, None);
             let spec = ChunkSpec::choose(64, 128, 128);
-            let l = max_local_chunks(&p, 64, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let l = max_local_chunks(&p, 64, true, DEFAULT_WINDOW_BYTES, 2 << 30);
             let ws = windows(&p, 64, l);
-            let biggest = scratch_per_chunk(&p, 64).iter().max().unwrap() * l as u64;
+            let biggest = scratch_per_chunk(&p, 64, true).iter().max().unwrap() * l as u64;
             let o_bytes = (b * t * 32 * 128 * 4) as u64;
             println!(
                 "B={b} T={t}: {} windows of {l} chunks, largest scratch buffer {} MiB, o {} MiB, peak scratch {} MiB, \
@@ -303,7 +314,7 @@ mod tests {
                 ws.len(),
                 biggest >> 20,
                 o_bytes >> 20,
-                scratch_bytes(&p, 64, l) >> 20,
+                scratch_bytes(&p, 64, true, l) >> 20,
                 32 * 128 / spec.bv,
                 32 * 128 / spec.bvo,
                 32 * 256 / spec.bd

@@ -57,7 +57,8 @@ pub enum Kernel {
     ChunkWu,
     /// Chunked forward, step 4: the chunk-to-chunk state walk (per-chunk states, v_new, ht).
     ChunkState,
-    /// Step 4 on cooperative matrices (f16 operands, f32 accumulation): same bindings and outputs.
+    /// Step 4 on cooperative matrices (f16 operands, f32 accumulation): same bindings and outputs,
+    /// except that binding 4 is the w/u pass's packed f16 operands instead of w.
     ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
@@ -151,7 +152,7 @@ impl Kernel {
             // Chunked passes: params, chunk table, then the pass's own buffers (see its WGSL).
             Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
-            Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
             Kernel::ChunkState | Kernel::ChunkStateMma => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
             }

@@ -37,7 +37,7 @@ fn split(n: usize, max: u32) -> (u32, u32) {
 pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Result<Outputs> {
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
     let mut graph = eng.graph();
-    let (out, _) = record(eng, &mut graph, p, x, chunk, budget)?;
+    let (out, _) = record(eng, &mut graph, p, x, chunk, budget, false)?;
     eng.submit(graph)?;
     Ok(out)
 }
@@ -48,9 +48,12 @@ pub(crate) struct Saved {
     pub sizes: [u64; 7],
     /// The last window's local chunks: (start row, len, sequence).
     pub chunks: Vec<[u32; 3]>,
+    /// The packed f16 operands (`wk16`) and their size, when the w/u pass wrote them.
+    pub wk16: Option<(wgpu::Buffer, u64)>,
 }
 
-/// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes.
+/// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
+/// `pack16` makes the w/u pass write the f16 operands even where the state walk will not use them.
 fn record(
     eng: &Engine,
     graph: &mut PassGraph,
@@ -58,6 +61,7 @@ fn record(
     x: &Inputs,
     chunk: u32,
     budget: u64,
+    pack16: bool,
 ) -> Result<(Outputs, Saved)> {
     let d = &p.dims;
     let c = chunk as usize;
@@ -78,8 +82,10 @@ fn record(
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
     // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
     // watchdogs): see `Gpu::max_tokens_per_dispatch`.
+    spec.pack16 = pack16 || spec.mma.is_some();
+    let packed = spec.pack16;
     let max_local =
-        max_local_chunks(p, c, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
+        max_local_chunks(p, c, packed, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
 
@@ -101,8 +107,8 @@ fn record(
         graph.copy(&m.buffer, 0, &info, mask_off as u64 * 4, mask_bytes);
     }
 
-    let sizes = scratch_per_chunk(p, c).map(|b| b * l);
-    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h] = sizes;
+    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h, b_wk16] = scratch_per_chunk(p, c, packed).map(|b| b * l);
+    let sizes = [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h];
     let gc = graph.scratch("wgdelta.chunk.gc", b_gc, SAVED)?;
     let bm = graph.scratch("wgdelta.chunk.beta", b_bm, SAVED)?;
     let a = graph.scratch("wgdelta.chunk.a", b_a, SAVED)?;
@@ -110,6 +116,9 @@ fn record(
     let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
     let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, SAVED)?;
     let h = graph.scratch("wgdelta.chunk.h", b_h, SAVED)?;
+    // The cooperative-matrix walk reads -w and K ∘ decay as f16 from the w/u pass instead of w, k.
+    let wk16 = if packed { graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)? } else { eng.dummy_write.clone() };
+    let state_w = if spec.mma.is_some() { &wk16 } else { &w };
     // The state carried between windows: ht itself when asked for, else scratch.
     let carry_scratch = match &ht {
         Some(_) => None,
@@ -140,11 +149,11 @@ fn record(
         let ps =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
-            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
+            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u, &wk16], hv, kv, [cy, cz])?;
         }
         graph.dispatch(
             &spec.key(state_kernel, p),
-            &[&ps, &info, &x.k.buffer, &gc, &w, &u, h0, &h, &vn, carry],
+            &[&ps, &info, &x.k.buffer, &gc, state_w, &u, h0, &h, &vn, carry],
             [hv * (d.v as u32 / spec.bv), sy, sz],
         )?;
         if nl > 0 {
@@ -156,7 +165,8 @@ fn record(
         }
     }
     let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
-    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks }))
+    let wk16 = packed.then_some((wk16, b_wk16));
+    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16 }))
 }
 
 /// Intermediate results of the chunked forward (tests compare them with `reference::chunked`
@@ -181,6 +191,8 @@ pub struct ChunkStages {
     pub v_new: Vec<f32>,
     /// `[L, HV, K, V]`
     pub h: Vec<f32>,
+    /// `[L, HV, 2, C, K]` IEEE half bits: -w, then K ∘ exp(gc_last - gc) (rows past the chunk zero).
+    pub wk16: Vec<u16>,
 }
 
 impl Engine {
@@ -192,14 +204,18 @@ impl Engine {
             return Err(Error::Unsupported(why));
         }
         let mut graph = self.graph();
-        let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX)?;
+        let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX, true)?;
         let mut copies = Vec::new();
         for (b, &size) in saved.bufs.iter().zip(&saved.sizes) {
             let t = self.gpu.empty("wgdelta.chunk.stage", &[(size / 4) as usize], crate::problem::DType::F32)?;
             graph.copy(b, 0, &t.buffer, 0, size);
             copies.push(t);
         }
+        let (wk_buf, wk_size) = saved.wk16.expect("stages always pack");
+        let wk = self.gpu.empty("wgdelta.chunk.stage", &[(wk_size / 2) as usize], crate::problem::DType::F16)?;
+        graph.copy(&wk_buf, 0, &wk.buffer, 0, wk_size);
         self.submit(graph)?;
+        let wk16 = bytemuck::pod_collect_to_vec(&self.download(&wk)?.bytes);
         let mut v = copies.iter().map(|t| self.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?;
         let mut next = || v.remove(0);
         Ok(ChunkStages {
@@ -212,6 +228,7 @@ impl Engine {
             u: next(),
             v_new: next(),
             h: next(),
+            wk16,
         })
     }
 }
@@ -223,7 +240,7 @@ fn record_chunk_passes(
     p: &Problem,
     spec: &ChunkSpec,
     x: &Inputs,
-    [pc, info, gc, bm, a, w, u]: [&wgpu::Buffer; 7],
+    [pc, info, gc, bm, a, w, u, wk16]: [&wgpu::Buffer; 8],
     hv: u32,
     kv: u32,
     [cy, cz]: [u32; 2],
@@ -240,7 +257,7 @@ fn record_chunk_passes(
     )?;
     graph.dispatch(
         &spec.key(Kernel::ChunkWu, p),
-        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u],
+        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u, wk16],
         [hv * (kv / spec.bd), cy, cz],
     )
 }
