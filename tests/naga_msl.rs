@@ -194,6 +194,7 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
                 use_slots: slots,
                 decode: max_len <= 16,
                 checkpoint: if n % 3 == 1 { 64 } else { 0 },
+                max_y: c.max_workgroups_per_dim,
             };
             let label = format!(
                 "K={k} V={v} {dt} {:?} {:?}/{:?} H={h} HV={hv} {src:?} store={store} slots={slots} varlen={varlen} len={max_len} KT={} KR={} BV={}",
@@ -217,6 +218,7 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
             use_slots: false,
             decode: false,
             checkpoint: 0,
+            max_y: c.max_workgroups_per_dim,
         };
         out.push((format!("forced {tiles:?}"), spec.key(&p)));
     }

@@ -10,7 +10,8 @@
 @group(0) @binding(3) var<storage, read> v: array<u32>;
 @group(0) @binding(4) var<storage, read> g: array<u32>;
 @group(0) @binding(5) var<storage, read> beta: array<u32>;
-// seq offsets [N+1], then (forward) slot indices [N] at slots_off, then mask bytes at mask_off.
+// (decode only) slot indices [N] at 0, then seq offsets [N+1] (at 0 without slots), then mask
+// bytes at mask_off.
 @group(0) @binding(6) var<storage, read> info: array<u32>;
 
 override H: u32;

@@ -26,17 +26,13 @@
 
 struct Params {
     n_seqs: u32,
-    slots_off: u32,   // first slot index in `info` (when USE_SLOTS)
+    seq_off: u32,     // first seq offset in `info` (when VARLEN): after the slots, 0 without
     mask_off: u32,    // first mask word in `info` (when HAS_MASK)
-    wg_per_row: u32,  // workgroups along y before z takes over (grid limit)
     scale: f32,
     t: u32,           // tokens per batch row (sequence bounds when not VARLEN)
     seg_start: u32,   // this dispatch runs tokens seg_start .. seg_start + seg_len of each sequence
     seg_len: u32,
     ck_blocks: u32,   // NB: checkpoint blocks per (sequence, head) (when CHECKPOINT > 0)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -49,7 +45,8 @@ struct Params {
 // Where S_0 comes from: 0 zeros, 1 the `h0` buffer, 2 the `state` buffer itself (in place).
 override STATE_SRC: u32 = 0u;
 override STORE_STATE: bool = false;
-// Row n of the batch reads and writes state slot info[slots_off + n] instead of slot n.
+// Row n of the batch reads and writes state slot info[n] instead of slot n (the slots lead the
+// `info` table, so the slot's address needs no uniform read).
 override USE_SLOTS: bool = false;
 // Sequence bounds come from `info` (cu_seqlens); otherwise sequence n is rows n*T .. n*T+T, known
 // without a dependent memory read (it matters for decode latency).
@@ -62,6 +59,9 @@ override COL_FAST: bool = false;
 override STAGE: bool = true;
 // Save the state every CHECKPOINT tokens of each sequence into `ckpt` (0: off).
 override CHECKPOINT: u32 = 0u;
+// Workgroups along y before z takes over: the grid's y extent whenever z > 1 (the device's grid
+// limit). A constant, so n (and the slot and state reads after it) wait for no uniform load.
+override MAX_Y: u32;
 
 override TILE_LEN: u32 = K * BV;  // the staging tile (K * BV <= 4096, host-checked)
 var<workgroup> tile: array<f32, TILE_LEN>;
@@ -87,9 +87,17 @@ fn tile_rc(e: u32) -> vec2<u32> {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = wid.y + wid.z * P.wg_per_row;
-    if (n >= P.n_seqs) {
-        return;
+    let n = wid.y + wid.z * MAX_Y;
+    // Layer z = 0 never overhangs (the host's y extent is min(n_seqs, MAX_Y)); only later layers
+    // can. Nested, so z = 0 branches without waiting for P.
+    if (wid.z > 0u) {
+        if (n >= P.n_seqs) {
+            return;
+        }
+    }
+    var slot = n;
+    if (USE_SLOTS) {
+        slot = info[n];
     }
     let tiles = V / BV;
     let hv = wid.x / tiles;
@@ -102,7 +110,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var bounds = vec2<u32>(n * P.t, n * P.t + P.t);
     if (VARLEN) {
         if (lid == 0u) {
-            seq_bounds = vec2<u32>(info[n], info[n + 1u]);
+            // Without slots the seq offsets start at info[0]: a constant address.
+            let so = select(0u, P.seq_off, USE_SLOTS);
+            seq_bounds = vec2<u32>(info[so + n], info[so + n + 1u]);
         }
         bounds = workgroupUniformLoad(&seq_bounds);
     }
@@ -111,10 +121,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let seq_lo = bounds.x;
     bounds.x = min(bounds.x + P.seg_start, bounds.y);
     bounds.y = min(bounds.x + P.seg_len, bounds.y);
-    var slot = n;
-    if (USE_SLOTS) {
-        slot = info[P.slots_off + n];
-    }
     let sbase = (slot * HV + hv) * K * V;
 
     // S_0 -> registers: through the tile (coalesced for either layout), or directly when the

@@ -109,6 +109,10 @@ pub struct RecurrentSpec {
     pub decode: bool,
     /// Save the state every this many tokens into the checkpoint binding (0: off).
     pub checkpoint: u32,
+    /// The grid's y extent whenever it has more than one z layer: the device's
+    /// `max_workgroups_per_dim` (see `ops::recurrent::record`). An override rather than a uniform
+    /// so the sequence index, and the slot read that depends on it, wait for no uniform load.
+    pub max_y: u32,
 }
 
 /// The override constants `wgsl/recurrent_common.wgsl` declares (shapes, tiling, input dtypes,
@@ -158,6 +162,7 @@ impl RecurrentSpec {
                     ("TILE_LEN", if stage { (d.k as u32 * t.bv) as f64 } else { 1.0 }),
                     ("VARLEN", b(p.seqs.varlen)),
                     ("CHECKPOINT", self.checkpoint as f64),
+                    ("MAX_Y", self.max_y as f64),
                 ],
             ]
             .concat(),
@@ -170,14 +175,16 @@ impl RecurrentSpec {
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Params {
     pub n_seqs: u32,
-    pub slots_off: u32,
+    /// First seq offset in `info` (after the slots; 0 without).
+    pub seq_off: u32,
     pub mask_off: u32,
-    pub wg_per_row: u32,
     pub scale: f32,
     pub t: u32,
     pub seg_start: u32,
     pub seg_len: u32,
     /// Checkpoint blocks per (sequence, head) in the checkpoint binding.
     pub ck_blocks: u32,
-    pub _pad: [u32; 3],
 }
+
+// A uniform struct's size is a multiple of 16 bytes.
+const _: () = assert!(std::mem::size_of::<Params>().is_multiple_of(16));

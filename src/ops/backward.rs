@@ -220,7 +220,9 @@ impl Engine {
 
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
         let mut graph = self.graph();
-        let (info, _, mask_off) = record_info(&mut graph, &p, saved.mask.as_ref(), None)?;
+        // No slots: the seq offsets start at info[0], where recurrent_bwd.wgsl reads them.
+        let (info, seq_off, mask_off) = record_info(&mut graph, &p, saved.mask.as_ref(), None)?;
+        debug_assert_eq!(seq_off, 0);
         let acc = graph.scratch("wgdelta.bwd.acc", 4 * acc_len, usage)?;
         graph.clear(&acc, 4 * acc_len);
         let work = graph.scratch("wgdelta.bwd.work", 4 * (hist_len + dh0_len), usage)?;

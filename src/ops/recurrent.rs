@@ -40,20 +40,19 @@ impl Engine {
     }
 }
 
-/// Records the `info` table the recurrent kernels read: seq offsets [N+1] | `slots` | mask bytes
-/// (copied on the device from the mask tensor). Returns the buffer, the slots offset and the mask
-/// offset, in words.
+/// Records the `info` table the recurrent kernels read: `slots` [N] | seq offsets [N+1] | mask bytes
+/// (copied on the device from the mask tensor). Slots come first so the decode kernel reads slot n
+/// at `info[n]`, an address that needs no uniform read first. Returns the buffer, the seq offsets'
+/// offset (0 without slots) and the mask offset, in words.
 pub(crate) fn record_info(
     graph: &mut PassGraph,
     p: &Problem,
     mask: Option<&Tensor>,
     slots: Option<&[u32]>,
 ) -> Result<(wgpu::Buffer, u32, u32)> {
-    let mut words: Vec<u32> = p.seqs.offsets.clone();
-    let slots_off = words.len() as u32;
-    if let Some(s) = slots {
-        words.extend_from_slice(s);
-    }
+    let mut words: Vec<u32> = slots.map(<[u32]>::to_vec).unwrap_or_default();
+    let seq_off = words.len() as u32;
+    words.extend_from_slice(&p.seqs.offsets);
     let mask_off = words.len() as u32;
     let mask_bytes = mask.map(|m| padded(m.byte_len())).unwrap_or(0);
     words.resize(words.len() + (mask_bytes / 4) as usize, 0);
@@ -61,7 +60,7 @@ pub(crate) fn record_info(
     if let Some(m) = mask {
         graph.copy(&m.buffer, 0, &meta, mask_off as u64 * 4, mask_bytes);
     }
-    Ok((meta, slots_off, mask_off))
+    Ok((meta, seq_off, mask_off))
 }
 
 /// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
@@ -76,8 +75,11 @@ pub(crate) fn record(
     let tiles = eng.recurrent_tiles(p)?;
     let d = &p.dims;
     let n = p.n_seqs();
-    let (meta, slots_off, mask_off) = record_info(graph, p, x.mask, io.slots)?;
+    let (meta, seq_off, mask_off) = record_info(graph, p, x.mask, io.slots)?;
 
+    // Sequence n = wid.y + wid.z * max: y takes all sequences up to the grid limit (so with z = 1
+    // every workgroup is a sequence), z the rest. The kernel knows `max` as the override MAX_Y.
+    // No sequences: gz = 0, and the graph skips the empty dispatch.
     let max = eng.gpu.caps.max_workgroups_per_dim;
     let tiles_x = (d.v as u32 / tiles.bv) * d.hv as u32;
     let gy = (n as u32).clamp(1, max);
@@ -100,15 +102,13 @@ pub(crate) fn record(
         let last = s + 1 == n_seg;
         let params = Params {
             n_seqs: n as u32,
-            slots_off,
+            seq_off,
             mask_off,
-            wg_per_row: gy,
             scale: p.scale,
             t: d.t as u32,
             seg_start: (s * seg) as u32,
             seg_len: seg as u32,
             ck_blocks,
-            _pad: [0; 3],
         };
         let ubuf = graph.scratch_with("wgdelta.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
         let spec = RecurrentSpec {
@@ -118,6 +118,7 @@ pub(crate) fn record(
             use_slots: io.slots.is_some(),
             decode: p.seqs.max_len() <= DECODE_MAX_LEN,
             checkpoint: every,
+            max_y: max,
         };
         graph.dispatch(
             &spec.key(p),
