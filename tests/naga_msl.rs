@@ -126,7 +126,6 @@ fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
             assert!(spec.mma_fits(k, tile, 48 << 10), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
             assert!(spec.mma_output_fits(tile, 48 << 10), "K={k} chunk={chunk}: {spec:?} output does not fit");
             spec.mma = Some(tile);
-            spec.pack16 = true;
             out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
         }
     }

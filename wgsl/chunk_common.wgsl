@@ -10,8 +10,8 @@
 //   w      [L, HV, C, K]   w = A (beta ∘ exp(gc) ∘ K)
 //   u, vn  [L, HV, C, V]   u = A (beta ∘ V), v_new = u - w S
 //   h      [L, HV, K, V]   state at the start of the chunk (kv order)
-//   wk16   [L, HV, 2, C, K] f16, two to a u32 word (PACK16 only): -w, then K ∘ exp(gc_last - gc)
-//                          (rows i >= len zero): the operands of chunk_state_mma.wgsl
+//   wk16   [L, HV, 2, C, K] f16, two to a u32 word: -w, then K ∘ exp(gc_last - gc) (rows i >= len
+//                          zero): the operands of chunk_state_mma.wgsl (chunk_pack16.wgsl)
 // Inputs keep their own layouts: q, k [rows, H, K], v [rows, HV, V], g, beta [rows, HV] (rows =
 // the flattened [B*T] token axis), o [rows, HV, V] f32, states [N, HV, K, V] (kv) or [N, HV, V, K] (vk).
 //
@@ -53,8 +53,6 @@ override BV: u32 = 16u;      // state pass: value columns per workgroup (divides
 override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
 override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
 override KH: u32 = 64u;      // cooperative-matrix output: K slice (divides K)
-// The w/u pass also writes the cooperative-matrix state walk's f16 operands (chunk_wu.wgsl).
-override PACK16: bool = false;
 
 // Workgroup size of every chunked pass.
 const WG: u32 = 256u;

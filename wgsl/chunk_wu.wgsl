@@ -4,9 +4,7 @@
 //     w[i, :] = sum_{j <= i} A_ij bm_j exp(gc_j) k_j        [C x K]
 //     u[i, :] = sum_{j <= i} A_ij bm_j v_j                  [C x V]
 // (bm = beta with masked tokens zeroed; padded rows j >= len contribute nothing.)
-// Outputs w [L, HV, C, K], u [L, HV, C, V]; with PACK16 also the state walk's f16 operands
-//     wk16[lc, hv, 0] = -w,   wk16[lc, hv, 1][i, :] = k_i exp(gc_last - gc_i)  (0 for i >= len)
-// so the sequential walk only copies them (the conversions and decays run here, in parallel).
+// Outputs w [L, HV, C, K], u [L, HV, C, V].
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
 // w (tiles below K) or of u. The right-hand side (C x BD) is staged in workgroup memory, scaled
@@ -20,7 +18,6 @@
 @group(0) @binding(6) var<storage, read> a: array<f32>;
 @group(0) @binding(7) var<storage, read_write> w: array<f32>;
 @group(0) @binding(8) var<storage, read_write> u: array<f32>;
-@group(0) @binding(9) var<storage, read_write> wk16: array<u32>;
 
 var<workgroup> xs: array<f32, TILE>;
 
@@ -83,24 +80,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             } else {
                 u[(hb + i) * V + d0 - K + d4 + cc] = acc[r][cc];
             }
-        }
-    }
-    if (PACK16 && is_w) {
-        // Four columns are two words of each plane (d4 is a multiple of 4, K of 16).
-        let gl = gc[hb + ch.y - 1u];
-        let plane = (lc * HV + hv) * 2u * CH * K;
-        for (var r = 0u; r < tm; r++) {
-            let i = i0 + r;
-            let at = (plane + i * K + d0 + d4) / 2u;
-            wk16[at] = pack_halves(-acc[r].x, -acc[r].y);
-            wk16[at + 1u] = pack_halves(-acc[r].z, -acc[r].w);
-            var kd = vec4<f32>(0.0);
-            if (i < ch.y) {
-                let kb = ((ch.x + i) * H + hk) * K + d0 + d4;
-                kd = exp(gl - gc[hb + i]) * vec4<f32>(ld_k(kb), ld_k(kb + 1u), ld_k(kb + 2u), ld_k(kb + 3u));
-            }
-            wk16[at + CH * K / 2u] = pack_halves(kd.x, kd.y);
-            wk16[at + CH * K / 2u + 1u] = pack_halves(kd.z, kd.w);
         }
     }
 }

@@ -30,9 +30,6 @@ pub struct ChunkSpec {
     pub kh: u32,
     /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
     pub mma: Option<u32>,
-    /// The w/u pass also writes the f16 operands of the cooperative-matrix state walk (`PACK16`):
-    /// always with `mma`, and in stage tests, which check them on any device.
-    pub pack16: bool,
 }
 
 impl ChunkSpec {
@@ -45,7 +42,7 @@ impl ChunkSpec {
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
         let kh = fit(&[64, 32, 16], &|b| k % b == 0);
-        ChunkSpec { chunk, bv, bvo, bd, kh, mma: None, pack16: false }
+        ChunkSpec { chunk, bv, bvo, bd, kh, mma: None }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
@@ -109,7 +106,6 @@ impl ChunkSpec {
                 ("BVO", self.bvo as f64),
                 ("BD", self.bd as f64),
                 ("KH", self.kh as f64),
-                ("PACK16", b(self.pack16)),
             ],
         );
         match (kernel.mma(), self.mma) {

@@ -32,6 +32,7 @@ pub mod src {
     pub const CHUNK_CUMSUM: &str = include_str!("../../wgsl/chunk_cumsum.wgsl");
     pub const CHUNK_KKT_SOLVE: &str = include_str!("../../wgsl/chunk_kkt_solve.wgsl");
     pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
+    pub const CHUNK_PACK16: &str = include_str!("../../wgsl/chunk_pack16.wgsl");
     pub const CHUNK_STATE_COMMON: &str = include_str!("../../wgsl/chunk_state_common.wgsl");
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
@@ -56,6 +57,8 @@ pub enum Kernel {
     ChunkKktSolve,
     /// Chunked forward, step 3: w = A (beta exp(gc) K), u = A (beta V).
     ChunkWu,
+    /// Before step 4 on cooperative matrices: -w and K ∘ decay as f16.
+    ChunkPack16,
     /// Chunked forward, step 4: the chunk-to-chunk state walk (per-chunk states, v_new, ht).
     ChunkState,
     /// Step 4 on cooperative matrices (f16 operands, f32 accumulation): same bindings and outputs,
@@ -100,13 +103,14 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
         Kernel::ChunkCumsum,
         Kernel::ChunkKktSolve,
         Kernel::ChunkWu,
+        Kernel::ChunkPack16,
         Kernel::ChunkState,
         Kernel::ChunkStateMma,
         Kernel::ChunkOutput,
@@ -120,6 +124,7 @@ impl Kernel {
             Kernel::ChunkCumsum => "wgdelta.chunk.cumsum",
             Kernel::ChunkKktSolve => "wgdelta.chunk.kkt_solve",
             Kernel::ChunkWu => "wgdelta.chunk.wu",
+            Kernel::ChunkPack16 => "wgdelta.chunk.pack16",
             Kernel::ChunkState => "wgdelta.chunk.state",
             Kernel::ChunkStateMma => "wgdelta.chunk.state_mma",
             Kernel::ChunkOutput => "wgdelta.chunk.output",
@@ -135,6 +140,7 @@ impl Kernel {
             Kernel::ChunkCumsum => src::CHUNK_CUMSUM,
             Kernel::ChunkKktSolve => src::CHUNK_KKT_SOLVE,
             Kernel::ChunkWu => src::CHUNK_WU,
+            Kernel::ChunkPack16 => src::CHUNK_PACK16,
             Kernel::ChunkState => src::CHUNK_STATE,
             Kernel::ChunkStateMma => src::CHUNK_STATE_MMA,
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
@@ -159,7 +165,8 @@ impl Kernel {
             // Chunked passes: params, chunk table, then the pass's own buffers (see its WGSL).
             Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
-            Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+            Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::ChunkPack16 => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::ChunkState | Kernel::ChunkStateMma => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
             }
@@ -189,6 +196,7 @@ impl Kernel {
             Kernel::ChunkCumsum
                 | Kernel::ChunkKktSolve
                 | Kernel::ChunkWu
+                | Kernel::ChunkPack16
                 | Kernel::ChunkState
                 | Kernel::ChunkStateMma
                 | Kernel::ChunkOutput

@@ -53,7 +53,8 @@ pub(crate) struct Saved {
 }
 
 /// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
-/// `pack16` makes the w/u pass write the f16 operands even where the state walk will not use them.
+/// `pack16` makes the f16 operands of the cooperative-matrix walk (`chunk_pack16.wgsl`) even where
+/// the walk that runs does not use them (stage tests check them on every device).
 fn record(
     eng: &Engine,
     graph: &mut PassGraph,
@@ -86,8 +87,7 @@ fn record(
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
     // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
     // watchdogs): see `Gpu::max_tokens_per_dispatch`.
-    spec.pack16 = pack16 || spec.mma.is_some();
-    let packed = spec.pack16;
+    let packed = pack16 || spec.mma.is_some();
     let max_local =
         max_local_chunks(p, c, packed, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
@@ -153,7 +153,15 @@ fn record(
         let ps =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
-            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u, &wk16], hv, kv, [cy, cz])?;
+            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
+            if packed {
+                let words = (d.hv * c * d.k / 2) as u32;
+                graph.dispatch(
+                    &spec.key(Kernel::ChunkPack16, p),
+                    &[&pc, &info, &x.k.buffer, &gc, &w, &wk16],
+                    [words.div_ceil(WG), cy, cz],
+                )?;
+            }
         }
         graph.dispatch(
             &spec.key(state_kernel, p),
@@ -244,7 +252,7 @@ fn record_chunk_passes(
     p: &Problem,
     spec: &ChunkSpec,
     x: &Inputs,
-    [pc, info, gc, bm, a, w, u, wk16]: [&wgpu::Buffer; 8],
+    [pc, info, gc, bm, a, w, u]: [&wgpu::Buffer; 7],
     hv: u32,
     kv: u32,
     [cy, cz]: [u32; 2],
@@ -261,7 +269,7 @@ fn record_chunk_passes(
     )?;
     graph.dispatch(
         &spec.key(Kernel::ChunkWu, p),
-        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u, wk16],
+        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u],
         [hv * (kv / spec.bd), cy, cz],
     )
 }

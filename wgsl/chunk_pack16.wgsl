@@ -1,0 +1,39 @@
+// chunk_pack16.wgsl — the f16 operands of the cooperative-matrix state walk (chunk_state_mma.wgsl),
+// made here in parallel so the sequential walk only copies them:
+//     wk16[lc, hv, 0][i, m] = -w[lc, hv][i, m]
+//     wk16[lc, hv, 1][i, m] = k_i[m] exp(gc_last - gc_i)      (0 for rows i >= len)
+// Output wk16 [L, HV, 2, C, K] as u32 words of two halves (columns m, m + 1), rounded to nearest even
+// by bit operations (prelude), so this pass needs no f16 support.
+//
+// Grid: (HV * C * K / (2 * WG), local chunks on y/z); one thread per word of both planes.
+
+@group(0) @binding(2) var<storage, read> k: array<u32>;
+@group(0) @binding(3) var<storage, read> gc: array<f32>;
+@group(0) @binding(4) var<storage, read> w: array<f32>;
+@group(0) @binding(5) var<storage, read_write> wk16: array<u32>;
+
+fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lc = local_chunk(wid);
+    let words = CH * K / 2u; // per plane
+    let x = wid.x * WG + lid;
+    if (lc >= P.n_local || x >= HV * words) {
+        return;
+    }
+    let hv = x / words;
+    let i = (x % words) / (K / 2u);
+    let m = 2u * (x % (K / 2u));
+    let ch = chunk_at(lc);
+    let hb = (lc * HV + hv) * CH;
+    let wi = (hb + i) * K + m;
+    let plane = (lc * HV + hv) * 2u * words;
+    wk16[plane + x % words] = pack_halves(-w[wi], -w[wi + 1u]);
+    var kd = vec2<f32>(0.0);
+    if (i < ch.y) {
+        let kb = ((ch.x + i) * H + hv / GROUP) * K + m;
+        kd = exp(gc[hb + ch.y - 1u] - gc[hb + i]) * vec2<f32>(ld_k(kb), ld_k(kb + 1u));
+    }
+    wk16[plane + words + x % words] = pack_halves(kd.x, kd.y);
+}
