@@ -89,11 +89,10 @@ fn main(
     // 1. P = Q K^T, strip by strip.
     for (var it = 0u; it < rounds; it++) {
         let i0 = min(sg + it * nsgu, strips - 1u) * CT;
-        // (Each from its own load: naga mishandles copies of cooperative-matrix values.)
         var p0 = coopLoadT<MC>(zp, CT);
-        var p1 = coopLoadT<MC>(zp, CT);
-        var p2 = coopLoadT<MC>(zp, CT);
-        var p3 = coopLoadT<MC>(zp, CT);
+        var p1 = p0;
+        var p2 = p0;
+        var p3 = p0;
         for (var s0 = 0u; s0 < K; s0 += KH) {
             workgroupBarrier(); // the previous slice's products are done with qa and kb
             for (var e = lid; e < CH * KH; e += MWG) {
@@ -146,11 +145,10 @@ fn main(
     let sb = (lc * HV + hv) * K * V + j0;
     for (var it = 0u; it < rounds; it++) {
         let i0 = min(sg + it * nsgu, strips - 1u) * CT;
-        // (Each from its own load: naga mishandles copies of cooperative-matrix values.)
         var t0 = coopLoadT<MC>(zp, CT);
-        var t1 = coopLoadT<MC>(zp, CT);
-        var t2 = coopLoadT<MC>(zp, CT);
-        var t3 = coopLoadT<MC>(zp, CT);
+        var t1 = t0;
+        var t2 = t0;
+        var t3 = t0;
         for (var s0 = 0u; s0 < K; s0 += KH) {
             workgroupBarrier(); // pm is complete; the previous products are done with qa and kb
             for (var e = lid; e < CH * KH; e += MWG) {
