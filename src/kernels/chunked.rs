@@ -67,24 +67,17 @@ impl ChunkSpec {
     }
 
     /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`) with
-    /// these tiles: qa, kb, pf, pm, zt, gcs and a word, in bytes.
+    /// these tiles: qa, kb, pf, pm, gcs and a word, in bytes.
     pub fn mma_output_bytes(&self) -> u32 {
         let (c, kh, bvo) = (self.chunk, self.kh, self.bvo);
-        let kb = (kh * (c + 8)).max(kh.max(c) * (bvo + 8));
-        2 * c * (kh + 8) + 2 * kb + 4 * c * c.max(bvo) + 2 * c * (c + 8) + 4 * 256 + 4 * 64 + 16
+        let kb = (c * (kh + 8)).max(kh.max(c) * (bvo + 8));
+        2 * c * (kh + 8) + 2 * kb + 4 * c * c.max(bvo) + 2 * c * (c + 8) + 4 * 64 + 16
     }
 
     /// Whether the cooperative-matrix output pass runs these tiles with `tile` x `tile` matrices and
-    /// `max_bytes` of workgroup memory (a subgroup holds at most 4 tiles of a row strip: C and BVO at
-    /// most 4 tiles wide).
+    /// `max_bytes` of workgroup memory.
     pub fn mma_output_fits(&self, tile: u32, max_bytes: u32) -> bool {
-        let (c, bvo) = (self.chunk, self.bvo);
-        c % tile == 0
-            && c <= 4 * tile
-            && self.kh % tile == 0
-            && bvo % tile == 0
-            && bvo <= 4 * tile
-            && self.mma_output_bytes() <= max_bytes
+        self.chunk % tile == 0 && self.kh % tile == 0 && self.bvo % tile == 0 && self.mma_output_bytes() <= max_bytes
     }
 
     /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same

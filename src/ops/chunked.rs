@@ -73,15 +73,10 @@ fn record(
     // within f32's), where the adapter offers them and the tiles fit.
     spec.mma = caps.mma_tile().filter(|&t| p.dtype != DType::F32 && spec.mma_fits(d.k, t, caps.max_workgroup_storage));
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
-    // The output on cooperative matrices where its row strips fit (at most 4 tiles wide).
-    let mut output_kernel = Kernel::ChunkOutput;
-    if let Some(t) = spec.mma {
-        let narrow = ChunkSpec { bvo: spec.bvo.min(4 * t), ..spec };
-        if narrow.mma_output_fits(t, caps.max_workgroup_storage) {
-            spec = narrow;
-            output_kernel = Kernel::ChunkOutputMma;
-        }
-    }
+    let output_kernel = match spec.mma {
+        Some(t) if spec.mma_output_fits(t, caps.max_workgroup_storage) => Kernel::ChunkOutputMma,
+        _ => Kernel::ChunkOutput,
+    };
     if caps.max_workgroup_storage < WORKGROUP_BYTES {
         return Err(Error::MissingFeature(format!(
             "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
