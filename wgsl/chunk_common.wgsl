@@ -52,7 +52,6 @@ override HAS_H0: bool = false;
 override BV: u32 = 16u;      // state pass: value columns per workgroup (divides V)
 override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
 override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
-override KH: u32 = 64u;      // cooperative-matrix output: K slice (divides K)
 
 // Workgroup size of every chunked pass.
 const WG: u32 = 256u;

@@ -26,8 +26,6 @@ pub struct ChunkSpec {
     pub bvo: u32,
     /// w/u pass: output columns per workgroup (divides K and V).
     pub bd: u32,
-    /// Cooperative-matrix output pass: the slice of K staged at a time (divides K).
-    pub kh: u32,
     /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
     pub mma: Option<u32>,
 }
@@ -41,8 +39,7 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        let kh = fit(&[64, 32, 16], &|b| k % b == 0);
-        ChunkSpec { chunk, bv, bvo, bd, kh, mma: None }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
@@ -64,20 +61,6 @@ impl ChunkSpec {
             && c * bv % 256 == 0
             && c * bv / 256 <= 4
             && self.mma_workgroup_bytes(k) <= max_bytes
-    }
-
-    /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`) with
-    /// these tiles: qa, kb, pf, pm, gcs and a word, in bytes.
-    pub fn mma_output_bytes(&self) -> u32 {
-        let (c, kh, bvo) = (self.chunk, self.kh, self.bvo);
-        let kb = (c * (kh + 8)).max(kh.max(c) * (bvo + 8));
-        2 * c * (kh + 8) + 2 * kb + 4 * c * c.max(bvo) + 2 * c * (c + 8) + 4 * 64 + 16
-    }
-
-    /// Whether the cooperative-matrix output pass runs these tiles with `tile` x `tile` matrices and
-    /// `max_bytes` of workgroup memory.
-    pub fn mma_output_fits(&self, tile: u32, max_bytes: u32) -> bool {
-        self.chunk % tile == 0 && self.kh % tile == 0 && self.bvo % tile == 0 && self.mma_output_bytes() <= max_bytes
     }
 
     /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same
@@ -105,7 +88,6 @@ impl ChunkSpec {
                 ("BV", self.bv as f64),
                 ("BVO", self.bvo as f64),
                 ("BD", self.bd as f64),
-                ("KH", self.kh as f64),
             ],
         );
         match (kernel.mma(), self.mma) {

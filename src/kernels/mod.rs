@@ -37,7 +37,6 @@ pub mod src {
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
-    pub const CHUNK_OUTPUT_MMA: &str = include_str!("../../wgsl/chunk_output_mma.wgsl");
     pub const RECURRENT_BWD: &str = include_str!("../../wgsl/recurrent_bwd.wgsl");
     pub const REDUCE_PARTIALS: &str = include_str!("../../wgsl/reduce_partials.wgsl");
     pub const ACCUM_F32_ATOMIC: &str = include_str!("../../wgsl/accum_f32_atomic.wgsl");
@@ -66,9 +65,6 @@ pub enum Kernel {
     ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
-    /// Step 5 on cooperative matrices (f16 operands staged in workgroup memory, f32 accumulation):
-    /// same bindings and output.
-    ChunkOutputMma,
     RecurrentBwd,
     ReducePartials,
 }
@@ -103,7 +99,7 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
@@ -114,7 +110,6 @@ impl Kernel {
         Kernel::ChunkState,
         Kernel::ChunkStateMma,
         Kernel::ChunkOutput,
-        Kernel::ChunkOutputMma,
     ];
 
     /// Label used on every wgpu object made for this kernel.
@@ -128,7 +123,6 @@ impl Kernel {
             Kernel::ChunkState => "wgdelta.chunk.state",
             Kernel::ChunkStateMma => "wgdelta.chunk.state_mma",
             Kernel::ChunkOutput => "wgdelta.chunk.output",
-            Kernel::ChunkOutputMma => "wgdelta.chunk.output_mma",
             Kernel::RecurrentBwd => "wgdelta.recurrent.bwd",
             Kernel::ReducePartials => "wgdelta.reduce_partials",
         }
@@ -144,7 +138,6 @@ impl Kernel {
             Kernel::ChunkState => src::CHUNK_STATE,
             Kernel::ChunkStateMma => src::CHUNK_STATE_MMA,
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
-            Kernel::ChunkOutputMma => src::CHUNK_OUTPUT_MMA,
             Kernel::RecurrentBwd => src::RECURRENT_BWD,
             Kernel::ReducePartials => src::REDUCE_PARTIALS,
         }
@@ -170,7 +163,7 @@ impl Kernel {
             Kernel::ChunkState | Kernel::ChunkStateMma => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
             }
-            Kernel::ChunkOutput | Kernel::ChunkOutputMma => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
+            Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
         }
     }
     /// Whether the kernel contains a KT-wide column reduction (and so takes a [`Reduce`] variant).
@@ -200,12 +193,11 @@ impl Kernel {
                 | Kernel::ChunkState
                 | Kernel::ChunkStateMma
                 | Kernel::ChunkOutput
-                | Kernel::ChunkOutputMma
         )
     }
     /// Whether the kernel runs on cooperative matrices (assembled after [`mma_header`]).
     pub fn mma(self) -> bool {
-        matches!(self, Kernel::ChunkStateMma | Kernel::ChunkOutputMma)
+        matches!(self, Kernel::ChunkStateMma)
     }
 }
 

@@ -73,10 +73,6 @@ fn record(
     // within f32's), where the adapter offers them and the tiles fit.
     spec.mma = caps.mma_tile().filter(|&t| p.dtype != DType::F32 && spec.mma_fits(d.k, t, caps.max_workgroup_storage));
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
-    let output_kernel = match spec.mma {
-        Some(t) if spec.mma_output_fits(t, caps.max_workgroup_storage) => Kernel::ChunkOutputMma,
-        _ => Kernel::ChunkOutput,
-    };
     if caps.max_workgroup_storage < WORKGROUP_BYTES {
         return Err(Error::MissingFeature(format!(
             "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
@@ -170,7 +166,7 @@ fn record(
         )?;
         if nl > 0 {
             graph.dispatch(
-                &spec.key(output_kernel, p),
+                &spec.key(Kernel::ChunkOutput, p),
                 &[&pc, &info, &x.q.buffer, &x.k.buffer, &gc, &h, &vn, &o.buffer],
                 [hv * (d.v as u32 / spec.bvo), cy, cz],
             )?;
