@@ -11,7 +11,7 @@ use wgdelta::{Algorithm, DType, Dims, Engine, GateSpace, Gpu, Options, Problem, 
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// Which sweep: decode, prefill, chunked, train, all.
+    /// Which sweep: decode, prefill, chunked, crossover, train, all.
     #[arg(long, default_value = "all")]
     pub preset: String,
     /// Timed runs per case (after warm-up).
@@ -91,6 +91,18 @@ fn preset(name: &str) -> Vec<Case> {
                 [(1, 16384, DType::BF16), (8, 8192, DType::BF16), (1, 16384, DType::F32), (8, 4096, DType::F32)]
             {
                 v.push(f(Mode::Forward, b, t, dt, c));
+            }
+        }
+    }
+    if name == "crossover" {
+        // Where chunked overtakes recurrent (Algorithm::Auto's thresholds).
+        for dt in [DType::BF16, DType::F32] {
+            for b in [1, 4, 16] {
+                for t in [256, 1024, 4096] {
+                    for c in [Recurrent, Chunked { chunk: 64 }] {
+                        v.push(f(Mode::Forward, b, t, dt, c));
+                    }
+                }
             }
         }
     }
