@@ -12,7 +12,8 @@
 //     o[:, tile] = [exp(gc) ∘ Q | P] [S[:, tile] ; v_new[:, tile]]
 // taken in slices of BS terms; each thread accumulates 4 rows x 4 columns with two vec4 reads of
 // workgroup memory per 16 FMAs. Rows of the transposed slices are padded by one vec4 (CP), so
-// staging writes spread over banks.
+// staging writes spread over banks. Each slice's global reads are issued one slice ahead into
+// registers (fixed counts, so they all fly at once), so no slice waits on memory.
 
 @group(0) @binding(2) var<storage, read> q: array<u32>;
 @group(0) @binding(3) var<storage, read> k: array<u32>;
@@ -31,6 +32,50 @@ var<workgroup> gcs: array<f32, 64>;         // gc of the chunk's rows (0 past it
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+
+// A thread's share of one slice: up to 4 left values (C x BS / WG) and 4 right values
+// (C x BS / WG for k, BS x BVO / WG for S or v_new).
+struct Slice {
+    l: array<f32, 4>,
+    r: array<f32, 4>,
+}
+
+// Slice m0 of q and k for P = Q K^T (rows past the chunk's end 0).
+fn fetch_qk(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> Slice {
+    var f: Slice;
+    for (var x = 0u; x < CH * BS / WG; x++) {
+        let e = lid + WG * x;
+        let i = e / BS;
+        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + e % BS;
+        f.l[x] = select(0.0, ld_q(at), i < ch.y);
+        f.r[x] = select(0.0, ld_k(at), i < ch.y);
+    }
+    return f;
+}
+
+// Slice s0 of [exp(gc) ∘ Q | P] [S ; v_new]: below K, q (scaled later) and rows of S; past K, rows
+// of v_new (the left side is P, already in workgroup memory).
+fn fetch_out(s0: u32, lid: u32, ch: vec3<u32>, hk: u32, sb: u32, vb: u32) -> Slice {
+    var f: Slice;
+    if (s0 < K) {
+        for (var x = 0u; x < CH * BS / WG; x++) {
+            let e = lid + WG * x;
+            let i = e / BS;
+            let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + s0 + e % BS;
+            f.l[x] = select(0.0, ld_q(at), i < ch.y);
+        }
+        for (var x = 0u; x < BS * BVO / WG; x++) {
+            let e = lid + WG * x;
+            f.r[x] = h[sb + (s0 + e / BVO) * V + e % BVO];
+        }
+    } else {
+        for (var x = 0u; x < BS * BVO / WG; x++) {
+            let e = lid + WG * x;
+            f.r[x] = vn[vb + (s0 - K + e / BVO) * V + e % BVO];
+        }
+    }
+    return f;
+}
 
 // a (4 rows) x b (4 columns), accumulated into acc.
 fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
@@ -61,22 +106,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ti = lid / q4;
     let tj = lid % q4;
     var pacc: array<vec4<f32>, 4>;
+    var nx = fetch_qk(0u, lid, ch, hk);
     for (var m0 = 0u; m0 < K; m0 += BS) {
         workgroupBarrier();
-        for (var e = lid; e < CH * BS; e += WG) {
+        for (var x = 0u; x < CH * BS / WG; x++) {
+            let e = lid + WG * x;
             let i = e / BS;
             let kk = e % BS;
-            var qv = 0.0;
-            var kv = 0.0;
-            if (i < ch.y) {
-                let at = ((ch.x + i) * H + hk) * K + m0 + kk;
-                qv = ld_q(at);
-                kv = ld_k(at);
-            }
-            lq[kk * CP + i / 4u][i % 4u] = qv;
-            rk[kk * CP + i / 4u][i % 4u] = kv;
+            lq[kk * CP + i / 4u][i % 4u] = nx.l[x];
+            rk[kk * CP + i / 4u][i % 4u] = nx.r[x];
         }
         workgroupBarrier();
+        if (m0 + BS < K) {
+            nx = fetch_qk(m0 + BS, lid, ch, hk);
+        }
         if (ti < q4) {
             for (var kk = 0u; kk < BS; kk++) {
                 outer4(&pacc, lq[kk * CP + ti], rk[kk * CP + tj]);
@@ -103,28 +146,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let in_tile = tr < q4;
     var acc: array<vec4<f32>, 4>;
     let sb = (lc * HV + hv) * K * V + j0;
+    let vb = hb * V + j0;
+    var ny = fetch_out(0u, lid, ch, hk, sb, vb);
     for (var s0 = 0u; s0 < K + CH; s0 += BS) {
         workgroupBarrier();
         if (s0 < K) {
-            for (var e = lid; e < CH * BS; e += WG) {
+            for (var x = 0u; x < CH * BS / WG; x++) {
+                let e = lid + WG * x;
                 let i = e / BS;
-                var x = 0.0;
-                if (i < ch.y) {
-                    x = exp(gcs[i]) * ld_q(((ch.x + i) * H + hk) * K + s0 + e % BS);
-                }
-                lq[(e % BS) * CP + i / 4u][i % 4u] = x;
-            }
-            for (var e = lid; e < BS * BVO; e += WG) {
-                let c = e % BVO;
-                rk[(e / BVO) * CP + c / 4u][c % 4u] = h[sb + (s0 + e / BVO) * V + c];
-            }
-        } else {
-            for (var e = lid; e < BS * BVO; e += WG) {
-                let c = e % BVO;
-                rk[(e / BVO) * CP + c / 4u][c % 4u] = vn[(hb + s0 - K + e / BVO) * V + j0 + c];
+                lq[(e % BS) * CP + i / 4u][i % 4u] = exp(gcs[i]) * ny.l[x];
             }
         }
+        for (var x = 0u; x < BS * BVO / WG; x++) {
+            let e = lid + WG * x;
+            let c = e % BVO;
+            rk[(e / BVO) * CP + c / 4u][c % 4u] = ny.r[x];
+        }
         workgroupBarrier();
+        if (s0 + BS < K + CH) {
+            ny = fetch_out(s0 + BS, lid, ch, hk, sb, vb);
+        }
         if (in_tile) {
             if (s0 < K) {
                 for (var kk = 0u; kk < BS; kk++) {
