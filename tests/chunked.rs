@@ -187,10 +187,22 @@ fn per_key_gate_routes_to_recurrent() {
 #[test]
 fn auto_plan() {
     let e = engine();
-    for (t, want) in [(1, ops::Plan::Recurrent), (63, ops::Plan::Recurrent), (4096, ops::Plan::Recurrent)] {
-        let c = with_algo(&Case::new(1, t, 1, 1, 16, 16), Algorithm::Auto);
+    let caps = e.gpu().caps();
+    // Chunked only where its state walk runs on cooperative matrices (f16/bf16 inputs) and the
+    // sequence reaches ops::AUTO_CHUNKED_MIN_LEN.
+    let mma = caps.mma_tile().is_some();
+    let long = ops::AUTO_CHUNKED_MIN_LEN;
+    for (t, dtype, chunked) in [
+        (1, DType::BF16, false),
+        (63, DType::F32, false),
+        (long, DType::F32, false),
+        (long - 1, DType::BF16, false),
+        (long, DType::BF16, mma),
+    ] {
+        let c = with_algo(&Case { dtype, ..Case::new(1, t, 1, 1, 16, 16) }, Algorithm::Auto);
         let p = problem(&c, &c.data());
-        assert_eq!(ops::plan(&p, e.gpu().caps()).unwrap(), want, "T = {t}");
+        let want = if chunked { ops::Plan::Chunked { chunk: ops::AUTO_CHUNK } } else { ops::Plan::Recurrent };
+        assert_eq!(ops::plan(&p, caps).unwrap(), want, "T = {t} {dtype:?}");
         check_forward(e, &c);
     }
 }

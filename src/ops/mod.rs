@@ -10,7 +10,7 @@ pub mod recurrent;
 use crate::device::Caps;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::problem::{Algorithm, GateKind, InputsMeta, Options, Problem};
+use crate::problem::{Algorithm, DType, GateKind, InputsMeta, Options, Problem};
 use crate::tensor::Tensor;
 
 /// Device tensors of one call, in either convention (see [`Options`]).
@@ -89,9 +89,11 @@ pub enum Plan {
 
 /// Chunk size `Algorithm::Auto` uses when it picks the chunked algorithm.
 pub const AUTO_CHUNK: u32 = 64;
-/// Longest sequence below which `Algorithm::Auto` keeps the recurrent kernel (a first guess, to be
-/// tuned from measured crossover points).
-pub const AUTO_CHUNKED_MIN_LEN: usize = 64;
+/// Shortest longest-sequence at which `Algorithm::Auto` picks the chunked algorithm (where it runs
+/// on cooperative matrices). Measured on an H100, bf16 (docs/PERF.md, run R19): at B=1 recurrent
+/// wins at T=256 (0.16 against 0.26 ms) and chunked at T=1024 (0.54 against 0.85 ms); at B=4 they
+/// are even at T=256 and chunked wins from T=1024.
+pub const AUTO_CHUNKED_MIN_LEN: usize = 512;
 
 /// What the chunked algorithm cannot do for `p`, if anything.
 pub fn chunked_unsupported(p: &Problem) -> Option<String> {
@@ -100,16 +102,18 @@ pub fn chunked_unsupported(p: &Problem) -> Option<String> {
     })
 }
 
-/// Whether `Algorithm::Auto` picks the chunked algorithm for `p` on a device with `caps`.
+/// Whether `Algorithm::Auto` picks the chunked algorithm for `p` on a device with `caps`: where its
+/// state walk runs on cooperative matrices (f16/bf16 inputs, an adapter with f16 -> f32 tiles, the
+/// tiles fit) and the longest sequence has at least [`AUTO_CHUNKED_MIN_LEN`] tokens.
 ///
-/// Not yet anywhere: measured on an H100 (docs/PERF.md, 2026-11-22) the chunked passes are slower
-/// than the recurrent kernel at every length tried (bf16 B=1 T=16384: 19.7 ms against 11.9 ms;
-/// B=8 T=8192: 77 ms against 37 ms), and on the software driver too (T=2048: 6.3 s against 5.1 s).
-/// Auto will switch at the measured crossover once the chunked matrix products are fast;
-/// `AUTO_CHUNKED_MIN_LEN` is the shape rule it will use.
-pub fn auto_chunked(p: &Problem, _caps: &Caps) -> bool {
-    const CHUNKED_FASTER_ON_SOME_DEVICE: bool = false;
-    CHUNKED_FASTER_ON_SOME_DEVICE && chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
+/// Measured on an H100 (docs/PERF.md, 2026-11-22, run R19), bf16: chunked is 1.9x faster than the
+/// recurrent kernel at B=1 T=16384 and 1.2x at B=8 T=8192. Without cooperative matrices (f32
+/// inputs, the software driver) the chunked passes are slower at every length measured (f32 B=1
+/// T=16384: 12.7 against 10.7 ms), so Auto stays recurrent there.
+pub fn auto_chunked(p: &Problem, caps: &Caps) -> bool {
+    let spec = crate::kernels::chunked::ChunkSpec::choose(AUTO_CHUNK, p.dims.k, p.dims.v);
+    let mma = caps.mma_tile().is_some_and(|t| spec.mma_fits(p.dims.k, t, caps.max_workgroup_storage));
+    mma && p.dtype != DType::F32 && chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
 }
 
 /// Resolves the algorithm for a validated problem on a device with `caps`.
