@@ -2,7 +2,8 @@
 //! problem; the windows of chunks the forward walks and their chunk tables; scratch sizes.
 
 use super::{Kernel, PipelineKey, Reduce};
-use crate::problem::{GateSpace, Problem, StateLayout};
+use crate::device::Caps;
+use crate::problem::{DType, GateSpace, Problem, StateLayout};
 
 /// Workgroup size of every chunked pass (`WG` in `wgsl/chunk_common.wgsl`).
 pub const WG: u32 = 256;
@@ -61,6 +62,14 @@ impl ChunkSpec {
             && c * bv % 256 == 0
             && c * bv / 256 <= 4
             && self.mma_workgroup_bytes(k) <= max_bytes
+    }
+
+    /// The cooperative-matrix tile the state walk runs with for `p` on a device with `caps`, if any:
+    /// f16/bf16 inputs only (their f16 operands are within those inputs' tolerance, not within
+    /// f32's), an adapter offering the tiles, and these tiles fitting. The one place that decides it,
+    /// for the forward and for `Algorithm::Auto`.
+    pub fn mma_for(&self, p: &Problem, caps: &Caps) -> Option<u32> {
+        caps.mma_tile().filter(|&t| p.dtype != DType::F32 && self.mma_fits(p.dims.k, t, caps.max_workgroup_storage))
     }
 
     /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same

@@ -61,7 +61,7 @@ pub enum Kernel {
     /// Chunked forward, step 4: the chunk-to-chunk state walk (per-chunk states, v_new, ht).
     ChunkState,
     /// Step 4 on cooperative matrices (f16 operands, f32 accumulation): same bindings and outputs,
-    /// except that binding 4 is the w/u pass's packed f16 operands instead of w.
+    /// except that binding 4 is `chunk_pack16.wgsl`'s f16 operands instead of w.
     ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,

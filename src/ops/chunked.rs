@@ -20,7 +20,7 @@ use crate::kernels::chunked::{
     max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
-use crate::problem::{DType, Problem};
+use crate::problem::Problem;
 use crate::tensor::padded;
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
@@ -48,7 +48,7 @@ pub(crate) struct Saved {
     pub sizes: [u64; 7],
     /// The last window's local chunks: (start row, len, sequence).
     pub chunks: Vec<[u32; 3]>,
-    /// The packed f16 operands (`wk16`) and their size, when the w/u pass wrote them.
+    /// The packed f16 operands (`wk16`) and their size, when `chunk_pack16.wgsl` made them.
     pub wk16: Option<(wgpu::Buffer, u64)>,
 }
 
@@ -69,9 +69,7 @@ fn record(
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
     let mut spec = ChunkSpec::choose(chunk, d.k, d.v);
-    // Tensor cores for f16/bf16 inputs (their f16 operands are within those inputs' tolerance, not
-    // within f32's), where the adapter offers them and the tiles fit.
-    spec.mma = caps.mma_tile().filter(|&t| p.dtype != DType::F32 && spec.mma_fits(d.k, t, caps.max_workgroup_storage));
+    spec.mma = spec.mma_for(p, caps);
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
     if caps.max_workgroup_storage < WORKGROUP_BYTES {
         return Err(Error::MissingFeature(format!(
@@ -116,9 +114,12 @@ fn record(
     let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
     let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, SAVED)?;
     let h = graph.scratch("wgdelta.chunk.h", b_h, SAVED)?;
-    // The cooperative-matrix walk reads -w and K ∘ decay as f16 from the w/u pass instead of w, k.
-    let wk16 = if packed { graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)? } else { eng.dummy_write.clone() };
-    let state_w = if spec.mma.is_some() { &wk16 } else { &w };
+    // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_pack16.wgsl) instead of w, k.
+    let wk16 = if packed { Some(graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)?) } else { None };
+    let state_w = match (&wk16, spec.mma) {
+        (Some(b), Some(_)) => b,
+        _ => &w,
+    };
     // The state carried between windows: ht itself when asked for, else scratch.
     let carry_scratch = match &ht {
         Some(_) => None,
@@ -150,11 +151,11 @@ fn record(
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
             record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
-            if packed {
+            if let Some(wk16) = &wk16 {
                 let words = (d.hv * c * d.k / 2) as u32;
                 graph.dispatch(
                     &spec.key(Kernel::ChunkPack16, p),
-                    &[&pc, &info, &x.k.buffer, &gc, &w, &wk16],
+                    &[&pc, &info, &x.k.buffer, &gc, &w, wk16],
                     [words.div_ceil(WG), cy, cz],
                 )?;
             }
@@ -173,7 +174,7 @@ fn record(
         }
     }
     let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
-    let wk16 = packed.then_some((wk16, b_wk16));
+    let wk16 = wk16.map(|b| (b, b_wk16));
     Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16 }))
 }
 
@@ -219,7 +220,10 @@ impl Engine {
             graph.copy(b, 0, &t.buffer, 0, size);
             copies.push(t);
         }
-        let (wk_buf, wk_size) = saved.wk16.expect("stages always pack");
+        let (wk_buf, wk_size) = saved.wk16.ok_or_else(|| Error::Device {
+            context: "chunked_stages".into(),
+            message: "the f16 operands were not recorded".into(),
+        })?;
         let wk = self.gpu.empty("wgdelta.chunk.stage", &[(wk_size / 2) as usize], crate::problem::DType::F16)?;
         graph.copy(&wk_buf, 0, &wk.buffer, 0, wk_size);
         self.submit(graph)?;

@@ -10,7 +10,7 @@ pub mod recurrent;
 use crate::device::Caps;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::problem::{Algorithm, DType, GateKind, InputsMeta, Options, Problem};
+use crate::problem::{Algorithm, GateKind, InputsMeta, Options, Problem};
 use crate::tensor::Tensor;
 
 /// Device tensors of one call, in either convention (see [`Options`]).
@@ -111,9 +111,8 @@ pub fn chunked_unsupported(p: &Problem) -> Option<String> {
 /// inputs, the software driver) the chunked passes are slower at every length measured (f32 B=1
 /// T=16384: 12.7 against 10.7 ms), so Auto stays recurrent there.
 pub fn auto_chunked(p: &Problem, caps: &Caps) -> bool {
-    let spec = crate::kernels::chunked::ChunkSpec::choose(AUTO_CHUNK, p.dims.k, p.dims.v);
-    let mma = caps.mma_tile().is_some_and(|t| spec.mma_fits(p.dims.k, t, caps.max_workgroup_storage));
-    mma && p.dtype != DType::F32 && chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
+    let mma = crate::kernels::chunked::ChunkSpec::choose(AUTO_CHUNK, p.dims.k, p.dims.v).mma_for(p, caps).is_some();
+    mma && chunked_unsupported(p).is_none() && p.seqs.max_len() >= AUTO_CHUNKED_MIN_LEN
 }
 
 /// Resolves the algorithm for a validated problem on a device with `caps`.
