@@ -1,7 +1,7 @@
 //! Checks of the float64 reference itself: finite differences for every gradient, chunked twin, conventions, masks.
 
 use wgdelta::problem::{DType, GateKind, GateSpace, InputsMeta, Options, Problem, StateLayout, TensorMeta};
-use wgdelta::reference::{self, chunked, recurrent, RefGrads, RefInputs};
+use wgdelta::reference::{self, chunked, chunked_backward, recurrent, RefGrads, RefInputs};
 
 /// Finite-difference step and the relative tolerance gradients must meet (f64 central differences reach ~1e-9).
 const EPS: f64 = 1e-6;
@@ -500,6 +500,65 @@ fn chunked_twin_equals_token_loop() {
     }
     println!("chunked twin: worst rel err {worst:.2e} (tolerance {TWIN_TOL:.0e})");
     assert!(worst <= TWIN_TOL, "chunked differs from the token loop by {worst:e}");
+}
+
+fn compare_chunked_backward(c: &Case, chunk: usize, seed: u64) -> f64 {
+    let p = c.problem();
+    let d = Data::gen(c, &p, &mut Rng(seed));
+    let want = reference::backward(&p, &d.inputs(), &d.d_o, d.dht.as_deref());
+    let got = chunked_backward::backward(&p, &d.inputs(), &d.d_o, d.dht.as_deref(), chunk)
+        .expect("chunked supports this case");
+    let mut errs = vec![
+        ("dq", rel_err(&got.dq, &want.dq)),
+        ("dk", rel_err(&got.dk, &want.dk)),
+        ("dv", rel_err(&got.dv, &want.dv)),
+        ("dg", rel_err(&got.dg, &want.dg)),
+        ("dbeta", rel_err(&got.dbeta, &want.dbeta)),
+    ];
+    if let (Some(a), Some(b)) = (&got.dh0, &want.dh0) {
+        errs.push(("dh0", rel_err(a, b)));
+    }
+    for (name, t) in [("dq", &got.dq), ("dk", &got.dk), ("dv", &got.dv), ("dg", &got.dg), ("dbeta", &got.dbeta)] {
+        assert!(all_finite(t), "{name} not finite");
+    }
+    let worst = errs.iter().fold(0.0f64, |m, e| m.max(e.1));
+    let figures: Vec<String> = errs.iter().map(|(n, e)| format!("{n} {e:.1e}")).collect();
+    println!("chunked backward C={chunk}: [{}]  {}", figures.join(", "), c.label());
+    worst
+}
+
+/// The chunked backward's stages give the token loop's exact gradients: chunk edges, T=1, GQA, both
+/// conventions, h0/dht, packed sequences (lengths 0 and 1 included), masks.
+#[test]
+fn chunked_backward_twin_equals_token_loop() {
+    let mut worst = 0.0f64;
+    let mut seed = 900;
+    for t in [1, 15, 16, 17, 40] {
+        for chunk in [16, 32] {
+            let mut c = Case::new(2, t, 1, 2, 32, 16);
+            c.space = if seed % 2 == 0 { GateSpace::Log } else { GateSpace::Linear };
+            c.layout = if seed % 3 == 0 { StateLayout::Vk } else { StateLayout::Kv };
+            c.h0 = t != 16;
+            c.dht = t != 15;
+            c.scale = Some(0.6);
+            worst = worst.max(compare_chunked_backward(&c, chunk, seed));
+            seed += 1;
+        }
+    }
+    for (chunk, mask, space) in [(16, false, GateSpace::Log), (32, true, GateSpace::Linear), (16, true, GateSpace::Log)]
+    {
+        let mut c = Case::new(1, 90, 2, 4, 16, 32);
+        c.cu = Some(vec![0, 17, 17, 18, 50, 90]);
+        c.space = space;
+        c.layout = StateLayout::Vk;
+        c.h0 = true;
+        c.dht = true;
+        c.mask = mask;
+        worst = worst.max(compare_chunked_backward(&c, chunk, seed));
+        seed += 1;
+    }
+    println!("chunked backward twin: worst rel err {worst:.2e} (tolerance {TWIN_TOL:.0e})");
+    assert!(worst <= TWIN_TOL, "chunked backward differs from the token loop by {worst:e}");
 }
 
 #[test]

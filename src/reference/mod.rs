@@ -5,6 +5,7 @@ use crate::problem::{GateKind, GateSpace, Problem};
 
 pub mod backward;
 pub mod chunked;
+pub mod chunked_backward;
 pub mod recurrent;
 
 pub use backward::backward;
