@@ -138,7 +138,11 @@ fn check_backward(e: &Engine, b: &BCase) -> (GpuGrads, f64) {
     let p = saved.problem();
     let nb = p.seqs.max_len().div_ceil(saved.every());
     assert_eq!(saved.checkpoints().shape(), &[p.n_seqs(), p.dims.hv, nb, p.dims.k, p.dims.v]);
-    println!("{:<100} dht={} {:?} {:?}:{line}  (tol {tol:.0e})", b.c.label(), b.dht, b.do_dtype, e.backward_accum(p));
+    let how = match e.backward_chunk(p, &saved).expect("plan") {
+        Some(c) => format!("chunked C={c}"),
+        None => format!("{:?}", e.backward_accum(p)),
+    };
+    println!("{:<100} dht={} {:?} {how}:{line}  (tol {tol:.0e})", b.c.label(), b.dht, b.do_dtype);
     assert!(bad.is_empty(), "{} dht={}: {} above {tol:.0e}", b.c.label(), b.dht, bad.join(", "));
     (gpu, worst)
 }
@@ -405,4 +409,143 @@ fn software_driver_length_limit() {
     let err = e.backward(&saved, &d_o, None).expect_err("one token past the limit must be refused");
     println!("T = {}: {err}", limit + 1);
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+}
+
+/// The case on the chunked backward with chunks of `chunk` (the forward saves states every `chunk`).
+fn chunked(c: Case, chunk: u32) -> Case {
+    Case { opts: Options { algorithm: Algorithm::Chunked { chunk }, ..c.opts }, ..c }
+}
+
+#[test]
+fn chunked_gradients_over_t_b_and_chunk() {
+    // T in {1, 7, 15, 16, 17, 64, 65, 300}, B in {1, 3}, chunk 16/32/64, GQA 1/2/4, h0, dht, both
+    // conventions and all dtypes rotating.
+    let groups = [1, 2, 4];
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    let mut i = 0;
+    for t in [1, 7, 15, 16, 17, 64, 65, 300] {
+        for b in [1, 3] {
+            let hv = 2 * groups[i % 3];
+            let mut c = Case::new(b, t, 2, hv, 32, 32);
+            c.dtype = dtypes[(i / 2) % 3];
+            c.h0 = i % 2 == 0;
+            c.seed = 500 + i as u64;
+            if i % 3 == 1 {
+                c = mlx(c);
+            }
+            let chunk = [16, 32, 64][i % 3];
+            check_backward(atomic(), &bcase(chunked(c, chunk), i % 2 == 1 || i % 5 == 0));
+            i += 1;
+        }
+    }
+}
+
+#[test]
+fn chunked_gradients_with_cu_seqlens_mask_and_options() {
+    let e = atomic();
+    // Lengths 0, 1, 66, 5, 130: empty and single-token sequences, chunk boundaries.
+    let cu = vec![0, 0, 1, 67, 72, 202];
+    for (mask, h0, dht, hv, chunk, dtype) in [
+        (false, true, true, 4, 64, DType::F32),
+        (true, true, false, 2, 16, DType::BF16),
+        (true, false, true, 8, 32, DType::F16),
+    ] {
+        let mut c = Case::new(1, 202, 2, hv, 32, 32);
+        c.cu_seqlens = Some(cu.clone());
+        c.mask = mask;
+        c.h0 = h0;
+        c.dtype = dtype;
+        c.seed = 13;
+        check_backward(e, &bcase(chunked(c.clone(), chunk), dht));
+        check_backward(e, &bcase(chunked(mlx(c), chunk), dht));
+    }
+    // Larger head dims, bf16 upstream gradients, a mask over padded batches.
+    for (k, v, chunk) in [(64, 64, 64), (128, 64, 32), (128, 128, 64), (16, 48, 16)] {
+        let mut c = Case::new(2, 70, 1, 2, k, v);
+        c.h0 = true;
+        c.mask = true;
+        c.dtype = DType::BF16;
+        c.seed = 23;
+        check_backward(e, &BCase { c: chunked(c, chunk), dht: true, do_dtype: DType::BF16 });
+    }
+    // Strong decay (down to 1e-4 per step) and raw keys.
+    let mut c = Case::new(1, 300, 1, 2, 32, 32);
+    c.logdecay = (-9.2, -0.001);
+    c.normalize_k = false;
+    c.h0 = true;
+    check_backward(e, &bcase(chunked(c, 64), true));
+}
+
+/// The chunked backward runs its own passes (not the recurrent kernel), windows included, and is
+/// bitwise repeatable: no pass accumulates with atomics.
+#[test]
+fn chunked_backward_runs_its_passes_and_repeats_bitwise() {
+    // A small window budget forces several windows: dS crosses windows through the carry.
+    let gpu =
+        Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("a GPU adapter");
+    let e = Engine::with_settings(
+        gpu,
+        Settings {
+            poison_outputs: Some(true),
+            profile: wgdelta::Profile::Passes,
+            chunk_window_bytes: Some(1 << 20),
+            ..Default::default()
+        },
+    );
+    let mut c = Case::new(1, 400, 2, 4, 32, 32);
+    c.cu_seqlens = Some(vec![0, 150, 150, 400]);
+    c.h0 = true;
+    c.mask = true;
+    let b = bcase(chunked(c, 16), true);
+    let d = b.c.data();
+    let (d_o, dht) = upstream(&b);
+    let mut first: Option<GpuGrads> = None;
+    for run in 0..5 {
+        let dev = d.upload(&e);
+        let x = dev.inputs(b.c.cu_seqlens.as_deref());
+        let (_, saved) = e.forward_train(&x, &b.c.opts).expect("forward_train");
+        e.take_profiles().expect("profiles");
+        let up = e.upload("do", &d_o).expect("upload do");
+        let dt = dht.as_ref().map(|t| e.upload("dht", t).expect("upload dht"));
+        let gr = e.backward(&saved, &up, dt.as_ref()).expect("backward");
+        let passes: Vec<&str> = e.last_profile().unwrap_or_default().iter().map(|t| t.label).collect();
+        let walks = passes.iter().filter(|l| **l == "wgdelta.chunk.bwd_state").count();
+        assert!(passes.contains(&"wgdelta.chunk.bwd_wy") && !passes.contains(&"wgdelta.recurrent.bwd"), "{passes:?}");
+        assert!(walks > 1, "expected several windows, got {walks}");
+        let dl = |t: &Tensor| e.download(t).expect("download").to_f32();
+        let g = vec![("dq", dl(&gr.dq)), ("dk", dl(&gr.dk)), ("dg", dl(&gr.dg)), ("dh0", dl(gr.dh0.as_ref().unwrap()))];
+        match &first {
+            None => {
+                println!("chunked backward: {walks} windows, passes {passes:?}");
+                first = Some(g);
+            }
+            Some(f) => {
+                for ((name, a), (_, b)) in f.iter().zip(&g) {
+                    assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "run {run}: {name} differs");
+                }
+            }
+        }
+    }
+    check_backward(&e, &b);
+}
+
+#[test]
+fn chunked_backward_refuses_what_it_cannot_do() {
+    let e = atomic();
+    // A per-key gate has no chunked form: a typed error before any GPU work.
+    let mut c = chunked(Case::new(1, 20, 1, 2, 32, 32), 16);
+    c.gate = GateKind::PerKey;
+    let d = c.data();
+    let dev = d.upload(e);
+    let err = e.forward_train(&dev.inputs(None), &c.opts).expect_err("per-key gate");
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    // States saved at another interval cannot seed the chunked walk.
+    let gpu =
+        Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("a GPU adapter");
+    let e5 = Engine::with_settings(gpu, Settings { checkpoint_every: Some(5), ..Default::default() });
+    let c = chunked(Case::new(1, 20, 1, 2, 32, 32), 16);
+    let d = c.data();
+    let dev = d.upload(&e5);
+    let err = e5.forward_train(&dev.inputs(None), &c.opts).expect_err("checkpoint interval");
+    assert!(matches!(err, Error::Option { name: "checkpoint_every", .. }), "{err:?}");
 }

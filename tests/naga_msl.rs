@@ -108,7 +108,12 @@ fn chunked_keys(kernel: Kernel) -> Vec<(String, PipelineKey)> {
             let dt = [DType::F32, DType::F16, DType::BF16][(i + chunk as usize / 16) % 3];
             let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
             let spec = ChunkSpec::choose(chunk, k, v);
-            out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
+            let key = if kernel.chunk_bwd() {
+                spec.bwd_key(kernel, &p, dt, (i % 2 == 0).then_some(DType::BF16))
+            } else {
+                spec.key(kernel, &p)
+            };
+            out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), key));
         }
     }
     out

@@ -21,6 +21,9 @@
 //                   lo .. hi, in time order; first = 1 when they begin at the sequence's first chunk
 //                   (its state then comes from h0), 0 when from the carried state of an earlier window
 //   at P.mask_off:  mask bytes, packed four to a word (HAS_MASK)
+//   at P.blk_off:   (backward) per local chunk, its position b in its sequence: its saved state is
+//                   block b of [N, HV, NB, K, V]. The backward's (lo, hi, flag) has flag = 1 when the
+//                   window holds the sequence's *last* chunk (its dS then starts from dht).
 
 struct Params {
     n_local: u32,    // local chunks L in this window
@@ -30,7 +33,11 @@ struct Params {
     n_seqs: u32,
     wg_per_row: u32, // workgroups along y before z takes over (grid limit)
     scale: f32,
+    blk_off: u32,    // backward: per local chunk, its block (chunk position) in its sequence
+    n_blocks: u32,   // backward: blocks per (sequence, head) of the saved states
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -70,6 +77,11 @@ fn live(row: u32) -> bool {
         return true;
     }
     return byte_of(info[P.mask_off + row / 4u], row) != 0u;
+}
+
+// Offset of S[i][j] inside one K x V state in the call's layout.
+fn s_off(i: u32, j: u32) -> u32 {
+    return select(i * V + j, j * K + i, LAYOUT_VK);
 }
 
 // Index of the local chunk of the workgroup on the y/z axes of the grid.

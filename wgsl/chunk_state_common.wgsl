@@ -14,11 +14,6 @@
 
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
-// Offset of S[i][j] inside one K x V state in the call's layout.
-fn s_off(i: u32, j: u32) -> u32 {
-    return select(i * V + j, j * K + i, LAYOUT_VK);
-}
-
 // (lo, hi, first) of sequence n in this window (see chunk_common.wgsl).
 fn seq_range_of(n: u32) -> vec3<u32> {
     let b = P.seq_off + 3u * n;

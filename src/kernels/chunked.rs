@@ -104,6 +104,17 @@ impl ChunkSpec {
             _ => key,
         }
     }
+
+    /// The pipeline key of chunked backward pass `kernel`: [`ChunkSpec::key`] plus the dtypes of the
+    /// upstream gradients (`do`, and `dht` when given; `chunk_bwd_common.wgsl`).
+    pub fn bwd_key(&self, kernel: Kernel, p: &Problem, do_dt: DType, dht_dt: Option<DType>) -> PipelineKey {
+        debug_assert!(kernel.chunk_bwd());
+        let mut c = self.key(kernel, p).constants_f64();
+        c.push(("DO_DT", do_dt.wgsl_code() as f64));
+        c.push(("DHT_DT", dht_dt.map_or(0, DType::wgsl_code) as f64));
+        c.push(("HAS_DHT", if dht_dt.is_some() { 1.0 } else { 0.0 }));
+        PipelineKey::new(kernel, Reduce::Workgroup, c)
+    }
 }
 
 /// Uniform parameters of one chunked pass, laid out as `struct Params` in `chunk_common.wgsl`.
@@ -117,7 +128,11 @@ pub struct Params {
     pub n_seqs: u32,
     pub wg_per_row: u32,
     pub scale: f32,
-    pub _pad: u32,
+    /// Backward: offset of the per-chunk block indices in the chunk table.
+    pub blk_off: u32,
+    /// Backward: blocks per (sequence, head) of the saved states.
+    pub n_blocks: u32,
+    pub _pad: [u32; 3],
 }
 
 /// One window of chunks: the forward runs all its passes over one window before the next; the
@@ -187,12 +202,27 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, packed: bool) -> [u64; 8] {
     [f * hv * c, f * hv * c, f * hv * c * c, f * hv * c * k, f * hv * c * v, f * hv * c * v, f * hv * k * v, wk16]
 }
 
+/// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, a,
+/// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc, dm (`wgsl/chunk_bwd_common.wgsl`).
+pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 13] {
+    let d = &p.dims;
+    let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
+    let f = 4 * hv;
+    let [gc, bm, a, w, u, ..] = scratch_per_chunk(p, chunk, false);
+    [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, f * c * c]
+}
+
 /// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest
 /// power of two that does (so pooled buffers are not rounded up), never so many that one buffer
 /// exceeds `max_binding`. At least 1.
 pub fn max_local_chunks(p: &Problem, chunk: usize, packed: bool, budget: u64, max_binding: u64) -> usize {
-    let per = scratch_per_chunk(p, chunk, packed);
+    max_local_for(p, chunk, &scratch_per_chunk(p, chunk, packed), budget, max_binding)
+}
+
+/// [`max_local_chunks`] for scratch of `per` bytes per chunk, buffer by buffer.
+pub fn max_local_for(p: &Problem, chunk: usize, per: &[u64], budget: u64, max_binding: u64) -> usize {
     let total: usize = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(chunk)).sum();
+    let per = per.to_vec();
     let per_total: u64 = per.iter().sum();
     let per_max = per.iter().copied().max().unwrap_or(1).max(1);
     // The pool rounds each buffer up to a power of two: bound the rounded size by the binding limit.

@@ -37,6 +37,12 @@ pub mod src {
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
+    pub const CHUNK_BWD_COMMON: &str = include_str!("../../wgsl/chunk_bwd_common.wgsl");
+    pub const CHUNK_BWD_LOCAL: &str = include_str!("../../wgsl/chunk_bwd_local.wgsl");
+    pub const CHUNK_BWD_STATE: &str = include_str!("../../wgsl/chunk_bwd_state.wgsl");
+    pub const CHUNK_BWD_DQKWG: &str = include_str!("../../wgsl/chunk_bwd_dqkwg.wgsl");
+    pub const CHUNK_BWD_WY: &str = include_str!("../../wgsl/chunk_bwd_wy.wgsl");
+    pub const CHUNK_BWD_REDUCE: &str = include_str!("../../wgsl/chunk_bwd_reduce.wgsl");
     pub const RECURRENT_BWD: &str = include_str!("../../wgsl/recurrent_bwd.wgsl");
     pub const REDUCE_PARTIALS: &str = include_str!("../../wgsl/reduce_partials.wgsl");
     pub const ACCUM_F32_ATOMIC: &str = include_str!("../../wgsl/accum_f32_atomic.wgsl");
@@ -65,6 +71,16 @@ pub enum Kernel {
     ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
+    /// Chunked backward, step 1: v_new from the saved state, and the chunk-local dv.
+    ChunkBwdLocal,
+    /// Chunked backward, step 2: the reverse walk of dS over chunks (dh per chunk, dv_new, dh0).
+    ChunkBwdState,
+    /// Chunked backward, step 3: dq, dk per value head, dw, and the gate's terms.
+    ChunkBwdDqkwg,
+    /// Chunked backward, step 4: back through A; dv, dbeta, dg.
+    ChunkBwdWy,
+    /// Chunked backward, step 5: dq, dk summed over the value heads of each key head.
+    ChunkBwdReduce,
     RecurrentBwd,
     ReducePartials,
 }
@@ -99,7 +115,7 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
@@ -110,6 +126,11 @@ impl Kernel {
         Kernel::ChunkState,
         Kernel::ChunkStateMma,
         Kernel::ChunkOutput,
+        Kernel::ChunkBwdLocal,
+        Kernel::ChunkBwdState,
+        Kernel::ChunkBwdDqkwg,
+        Kernel::ChunkBwdWy,
+        Kernel::ChunkBwdReduce,
     ];
 
     /// Label used on every wgpu object made for this kernel.
@@ -123,6 +144,11 @@ impl Kernel {
             Kernel::ChunkState => "wgdelta.chunk.state",
             Kernel::ChunkStateMma => "wgdelta.chunk.state_mma",
             Kernel::ChunkOutput => "wgdelta.chunk.output",
+            Kernel::ChunkBwdLocal => "wgdelta.chunk.bwd_local",
+            Kernel::ChunkBwdState => "wgdelta.chunk.bwd_state",
+            Kernel::ChunkBwdDqkwg => "wgdelta.chunk.bwd_dqkwg",
+            Kernel::ChunkBwdWy => "wgdelta.chunk.bwd_wy",
+            Kernel::ChunkBwdReduce => "wgdelta.chunk.bwd_reduce",
             Kernel::RecurrentBwd => "wgdelta.recurrent.bwd",
             Kernel::ReducePartials => "wgdelta.reduce_partials",
         }
@@ -138,6 +164,11 @@ impl Kernel {
             Kernel::ChunkState => src::CHUNK_STATE,
             Kernel::ChunkStateMma => src::CHUNK_STATE_MMA,
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
+            Kernel::ChunkBwdLocal => src::CHUNK_BWD_LOCAL,
+            Kernel::ChunkBwdState => src::CHUNK_BWD_STATE,
+            Kernel::ChunkBwdDqkwg => src::CHUNK_BWD_DQKWG,
+            Kernel::ChunkBwdWy => src::CHUNK_BWD_WY,
+            Kernel::ChunkBwdReduce => src::CHUNK_BWD_REDUCE,
             Kernel::RecurrentBwd => src::RECURRENT_BWD,
             Kernel::ReducePartials => src::REDUCE_PARTIALS,
         }
@@ -164,6 +195,24 @@ impl Kernel {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
             }
             Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
+            // q, k, gc, w, u, ck, do | vn, dvn
+            Kernel::ChunkBwdLocal => &[Uniform, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            // q, k, gc, w, do, dht | dvn, dh, carry
+            Kernel::ChunkBwdState => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
+            }
+            // q, k, gc, ck, dh, vn, dvn, do | dqp, dkp, dw, dgc
+            Kernel::ChunkBwdDqkwg => &[
+                Uniform, Read, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
+                ReadWrite,
+            ],
+            // k, v, g, gc, bm, a, dw, dvn, dgc | dkp, dm, dv, dbeta, dg
+            Kernel::ChunkBwdWy => &[
+                Uniform, Read, Read, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
+                ReadWrite, ReadWrite,
+            ],
+            // dqp, dkp | dq, dk
+            Kernel::ChunkBwdReduce => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
         }
     }
     /// Whether the kernel contains a KT-wide column reduction (and so takes a [`Reduce`] variant).
@@ -193,6 +242,17 @@ impl Kernel {
                 | Kernel::ChunkState
                 | Kernel::ChunkStateMma
                 | Kernel::ChunkOutput
+        ) || self.chunk_bwd()
+    }
+    /// Whether the kernel is a chunked backward pass (assembled with `chunk_bwd_common.wgsl` too).
+    pub fn chunk_bwd(self) -> bool {
+        matches!(
+            self,
+            Kernel::ChunkBwdLocal
+                | Kernel::ChunkBwdState
+                | Kernel::ChunkBwdDqkwg
+                | Kernel::ChunkBwdWy
+                | Kernel::ChunkBwdReduce
         )
     }
     /// Whether the kernel runs on cooperative matrices (assembled after [`mma_header`]).
@@ -241,6 +301,9 @@ pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: 
     }
     if matches!(kernel, Kernel::ChunkState | Kernel::ChunkStateMma) {
         s.push_str(src::CHUNK_STATE_COMMON);
+    }
+    if kernel.chunk_bwd() {
+        s.push_str(src::CHUNK_BWD_COMMON);
     }
     if kernel.accumulates() {
         s.push_str(match accum.unwrap_or(Accum::CasLoop) {

@@ -3,7 +3,7 @@
 //! every input (`wgsl/recurrent_bwd.wgsl`, then `wgsl/reduce_partials.wgsl` in deterministic mode).
 
 use super::recurrent::record_info;
-use super::{Inputs, Outputs};
+use super::{Inputs, Outputs, Plan};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::kernels::backward::{reduce_partials_key, BackwardSpec, Params, ReduceParams, REDUCE_WG};
@@ -54,6 +54,24 @@ impl Saved {
     pub fn state_bytes(&self) -> u64 {
         self.checkpoints.byte_len()
     }
+    pub(crate) fn q(&self) -> &Tensor {
+        &self.q
+    }
+    pub(crate) fn k(&self) -> &Tensor {
+        &self.k
+    }
+    pub(crate) fn v(&self) -> &Tensor {
+        &self.v
+    }
+    pub(crate) fn g(&self) -> &Tensor {
+        &self.g
+    }
+    pub(crate) fn beta(&self) -> &Tensor {
+        &self.beta
+    }
+    pub(crate) fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
+    }
 }
 
 /// Gradients of `L = sum(o * do) + sum(ht * dht)` with respect to every input, F32, each in the
@@ -72,6 +90,12 @@ pub struct Grads {
     pub dbeta: Tensor,
     /// Shape of `h0`, when the forward had one.
     pub dh0: Option<Tensor>,
+}
+
+/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes on a device with `caps`.
+/// Not yet: until the crossover is measured, Auto's backward is the recurrent kernel.
+pub fn auto_chunked_backward(_p: &Problem, _caps: &crate::device::Caps) -> bool {
+    false
 }
 
 impl Engine {
@@ -95,16 +119,23 @@ impl Engine {
     /// ```
     pub fn forward_train(&self, x: &Inputs, opts: &Options) -> Result<(Outputs, Saved)> {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
-        // Training always runs the recurrent forward: it saves the checkpoints the (recurrent)
-        // backward replays. The chunked backward is not in this build.
-        if let Algorithm::Chunked { chunk } = p.algorithm {
-            return Err(Error::Unsupported(format!(
-                "training with the chunked algorithm (chunk {chunk}): its backward is not in this build; \
-                 Auto and Recurrent train through the recurrent kernels"
-            )));
-        }
+        // The forward of a training step is the recurrent kernel, saving the state every C tokens:
+        // both backwards start from those states (the chunked one with C = its chunk size).
+        let chunked = match super::plan(&p, &self.gpu.caps)? {
+            Plan::Chunked { chunk } if p.algorithm != Algorithm::Auto => Some(chunk as usize),
+            _ => None,
+        };
         let d = &p.dims;
-        let every = self.settings.checkpoint_every.unwrap_or(CHECKPOINT_EVERY);
+        let every = match (chunked, self.settings.checkpoint_every) {
+            (Some(c), Some(e)) if e != c => {
+                return Err(Error::Option {
+                    name: "checkpoint_every",
+                    why: format!("the chunked backward with chunk {c} needs states every {c} tokens, got {e}"),
+                })
+            }
+            (Some(c), _) => c,
+            (None, e) => e.unwrap_or(CHECKPOINT_EVERY),
+        };
         if every == 0 || every > 4096 {
             return Err(Error::Option { name: "checkpoint_every", why: format!("must be 1..=4096, got {every}") });
         }
@@ -127,6 +158,22 @@ impl Engine {
             every,
         };
         Ok((out, saved))
+    }
+
+    /// The chunk size the backward of `p` runs the chunked passes with, or `None` for the recurrent
+    /// kernel: `Algorithm::Chunked` asks for them, `Recurrent` for the kernel; `Auto` picks chunked
+    /// where [`auto_chunked_backward`] says so and the states were saved every 64 tokens.
+    pub fn backward_chunk(&self, p: &Problem, saved: &Saved) -> Result<Option<u32>> {
+        match p.algorithm {
+            Algorithm::Recurrent => Ok(None),
+            Algorithm::Chunked { .. } => match super::plan(p, &self.gpu.caps)? {
+                Plan::Chunked { chunk } => Ok(Some(chunk)),
+                Plan::Recurrent => Ok(None),
+            },
+            Algorithm::Auto => Ok((auto_chunked_backward(p, &self.gpu.caps)
+                && saved.every == super::AUTO_CHUNK as usize)
+                .then_some(super::AUTO_CHUNK)),
+        }
     }
 
     /// The accumulation variant the backward of `p` uses on this engine.
@@ -154,6 +201,9 @@ impl Engine {
             dht: dht.map(Tensor::meta),
         };
         let p = Problem::new(&meta, saved.cu_seqlens.as_deref(), &saved.opts, true)?;
+        if let Some(chunk) = self.backward_chunk(&p, saved)? {
+            return super::chunked_backward::backward(self, &p, saved, d_o, dht, chunk);
+        }
         let d = p.dims;
         let n = p.n_seqs();
         let accum = self.backward_accum(&p);

@@ -143,7 +143,9 @@ fn record(
             n_seqs: n as u32,
             wg_per_row,
             scale: p.scale,
-            _pad: 0,
+            blk_off: 0,
+            n_blocks: 0,
+            _pad: [0; 3],
         };
         let pc =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), wgpu::BufferUsages::UNIFORM)?;
@@ -247,7 +249,7 @@ impl Engine {
 
 /// Records the passes before the state walk: cumsum, kkt_solve, wu.
 #[allow(clippy::too_many_arguments)]
-fn record_chunk_passes(
+pub(crate) fn record_chunk_passes(
     graph: &mut PassGraph,
     p: &Problem,
     spec: &ChunkSpec,

@@ -3,6 +3,7 @@
 
 pub mod backward;
 pub mod chunked;
+pub mod chunked_backward;
 pub mod cost;
 pub mod decode;
 pub mod recurrent;

@@ -21,6 +21,9 @@
 //!
 //! `dq`, `dk` are summed over the value heads of a key head.
 
+// Index loops mirror the formulas (and the WGSL passes) one to one.
+#![allow(clippy::needless_range_loop)]
+
 use super::chunked::{chunk_fwd_h, chunk_local_cumsum, chunk_spans, recompute_w_u, scaled_dot_kkt, solve_tril};
 use super::{load_state, qk_at, rh_at, state_len, store_state, v_at, RefGrads, RefInputs};
 use crate::error::{Error, Result};
@@ -47,13 +50,9 @@ pub fn backward(p: &Problem, x: &RefInputs, d_o: &[f64], dht: Option<&[f64]>, ch
     }
     // The forward's intermediates (the GPU recomputes them per window).
     let live = |r: usize| x.live(r);
-    let beta: Vec<f64> =
-        x.beta.iter().enumerate().map(|(i, &b)| if live(i / p.dims.hv) { b } else { 0.0 }).collect();
-    let d_o: Vec<f64> = d_o
-        .iter()
-        .enumerate()
-        .map(|(i, &g)| if live(i / (p.dims.hv * p.dims.v)) { g } else { 0.0 })
-        .collect();
+    let beta: Vec<f64> = x.beta.iter().enumerate().map(|(i, &b)| if live(i / p.dims.hv) { b } else { 0.0 }).collect();
+    let d_o: Vec<f64> =
+        d_o.iter().enumerate().map(|(i, &g)| if live(i / (p.dims.hv * p.dims.v)) { g } else { 0.0 }).collect();
     let gc = chunk_local_cumsum(p, x.g, x.mask, chunk);
     let a_raw = scaled_dot_kkt(p, x.k, &beta, &gc, chunk);
     let a = solve_tril(p, &a_raw, chunk);

@@ -1,0 +1,201 @@
+//! Chunked backward (SPEC section 4 by the WY/UT form, as flash-linear-attention's
+//! `chunk_gated_delta_rule_bwd`): per window of chunks, last window first, the forward's
+//! `cumsum -> kkt_solve -> wu` are recomputed, then `bwd_local -> bwd_state -> bwd_dqkwg -> bwd_wy ->
+//! bwd_reduce` (`wgsl/chunk_bwd_common.wgsl` has the plan, `reference::chunked_backward` the math),
+//! all recorded into one graph and submitted once.
+//!
+//! The state at the start of every chunk comes from the states the training forward saved every C
+//! tokens ([`super::backward::Saved`], C = the chunk size), so nothing per token is kept between
+//! forward and backward. No pass accumulates with atomics: the gradients are bitwise repeatable
+//! whatever [`crate::Accum`] is configured.
+
+use super::backward::{Grads, Saved};
+use super::chunked::record_chunk_passes;
+use super::Inputs;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::kernels::chunked::{
+    bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WORKGROUP_BYTES,
+};
+use crate::kernels::Kernel;
+use crate::problem::Problem;
+use crate::tensor::{padded, Tensor};
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
+
+/// Splits `n` workgroups over the grid's y and z axes: (y extent, z extent).
+fn split(n: usize, max: u32) -> (u32, u32) {
+    let y = (n as u32).clamp(1, max);
+    (y, (n as u32).div_ceil(y).max(1))
+}
+
+/// Gradients of `p` (validated with its upstream gradients) by the chunked passes with chunks of
+/// `chunk` tokens; `saved` holds states every `chunk` tokens.
+pub(crate) fn backward(
+    eng: &Engine,
+    p: &Problem,
+    saved: &Saved,
+    d_o: &Tensor,
+    dht: Option<&Tensor>,
+    chunk: u32,
+) -> Result<Grads> {
+    let d = &p.dims;
+    let c = chunk as usize;
+    let n = p.n_seqs();
+    let caps = &eng.gpu.caps;
+    if saved.every() != c {
+        return Err(Error::Unsupported(format!(
+            "the chunked backward with chunk {chunk} needs states saved every {chunk} tokens; this forward saved \
+             them every {}",
+            saved.every()
+        )));
+    }
+    if caps.max_workgroup_storage < WORKGROUP_BYTES {
+        return Err(Error::MissingFeature(format!(
+            "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
+            caps.max_workgroup_storage
+        )));
+    }
+    let spec = ChunkSpec::choose(chunk, d.k, d.v);
+    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
+    let per = bwd_scratch_per_chunk(p, c);
+    let max_local =
+        max_local_for(p, c, &per, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
+    let wins = windows(p, c, max_local);
+    let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
+
+    // The window holding each sequence's last chunk starts its walk from dht; an empty sequence
+    // takes dht (or 0) straight to dh0, in the window walked first.
+    let mut last_win = vec![wins.len() - 1; n];
+    for (wi, w) in wins.iter().enumerate() {
+        for ch in &w.chunks {
+            last_win[ch[2] as usize] = wi;
+        }
+    }
+    // One chunk table for all windows: chunks, sequences (lo, hi, last), blocks; then the mask.
+    let mut words: Vec<u32> = Vec::new();
+    let mut offs = Vec::with_capacity(wins.len());
+    for (wi, w) in wins.iter().enumerate() {
+        let chunk_off = words.len() as u32;
+        words.extend(w.chunks.iter().flatten());
+        let seq_off = words.len() as u32;
+        for (s, r) in w.seqs.iter().enumerate() {
+            words.extend([r[0], r[1], u32::from(last_win[s] == wi)]);
+        }
+        let blk_off = words.len() as u32;
+        words.extend(w.chunks.iter().map(|ch| (ch[0] - p.seqs.offsets[ch[2] as usize]) / chunk));
+        offs.push((chunk_off, seq_off, blk_off));
+    }
+    let mask_off = words.len() as u32;
+    let mask_bytes = saved.mask().map(|m| padded(m.byte_len())).unwrap_or(0);
+    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
+
+    let dq = eng.output("dq", &[d.b, d.t, d.h, d.k])?;
+    let dk = eng.output("dk", &[d.b, d.t, d.h, d.k])?;
+    let dv = eng.output("dv", &[d.b, d.t, d.hv, d.v])?;
+    let dg = eng.output("dg", saved.g().shape())?;
+    let dbeta = eng.output("dbeta", &[d.b, d.t, d.hv])?;
+    let dh0 = if p.has_h0 { Some(eng.output("dh0", &p.state_shape())?) } else { None };
+
+    let mut graph = eng.graph();
+    let info = graph.scratch_with("wgdelta.chunk.table", bytemuck::cast_slice(&words), STORAGE)?;
+    if let Some(m) = saved.mask() {
+        graph.copy(&m.buffer, 0, &info, mask_off as u64 * 4, mask_bytes);
+    }
+    const NAMES: [&str; 13] = [
+        "wgdelta.chunk.gc",
+        "wgdelta.chunk.beta",
+        "wgdelta.chunk.a",
+        "wgdelta.chunk.w",
+        "wgdelta.chunk.u",
+        "wgdelta.chunk.v_new",
+        "wgdelta.chunk.dv_new",
+        "wgdelta.chunk.dh",
+        "wgdelta.chunk.dq_part",
+        "wgdelta.chunk.dk_part",
+        "wgdelta.chunk.dw",
+        "wgdelta.chunk.dgc",
+        "wgdelta.chunk.dm",
+    ];
+    let bufs =
+        NAMES.iter().zip(per).map(|(name, b)| graph.scratch(name, b * l, STORAGE)).collect::<Result<Vec<_>>>()?;
+    let [gc, bm, a, w, u, vn, dvn, dh, dqp, dkp, dw, dgc, dm] = &bufs[..] else { unreachable!("13 scratch buffers") };
+    // dS is carried between windows in dh0 itself when the call has h0, else in scratch.
+    let carry_scratch = match &dh0 {
+        Some(_) => None,
+        None => Some(graph.scratch("wgdelta.chunk.carry", (n * d.hv * d.k * d.v * 4) as u64, STORAGE)?),
+    };
+    let carry = dh0.as_ref().map(|t| &t.buffer).or(carry_scratch.as_ref()).expect("carry");
+    let dht_buf = dht.map(|t| &t.buffer).unwrap_or(&eng.dummy_read);
+    let key = |k: Kernel| spec.bwd_key(k, p, d_o.dtype(), dht.map(Tensor::dtype));
+    let x = saved.inputs();
+    let ck = &saved.checkpoints().buffer;
+    let n_blocks = saved.checkpoints().shape()[2] as u32;
+
+    let max = caps.max_workgroups_per_dim;
+    let (hv, kv) = (d.hv as u32, (d.k + d.v) as u32);
+    for (wi, win) in wins.iter().enumerate().rev() {
+        let (chunk_off, seq_off, blk_off) = offs[wi];
+        let nl = win.chunks.len();
+        let (cy, cz) = split(nl, max);
+        let (sy, sz) = split(n, max);
+        let params = |wg_per_row| Params {
+            n_local: nl as u32,
+            chunk_off,
+            seq_off,
+            mask_off,
+            n_seqs: n as u32,
+            wg_per_row,
+            scale: p.scale,
+            blk_off,
+            n_blocks,
+            _pad: [0; 3],
+        };
+        let uniform = wgpu::BufferUsages::UNIFORM;
+        let pc = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), uniform)?;
+        let ps = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), uniform)?;
+        let (q, k, v, g) = (&x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer);
+        let dout = &d_o.buffer;
+        if nl > 0 {
+            record_chunk_passes(&mut graph, p, &spec, &x, [&pc, &info, gc, bm, a, w, u], hv, kv, [cy, cz])?;
+            graph.dispatch(
+                &key(Kernel::ChunkBwdLocal),
+                &[&pc, &info, q, k, gc, w, u, ck, dout, vn, dvn],
+                [hv, cy, cz],
+            )?;
+        }
+        graph.dispatch(
+            &key(Kernel::ChunkBwdState),
+            &[&ps, &info, q, k, gc, w, dout, dht_buf, dvn, dh, carry],
+            [hv * (d.v as u32 / spec.bv), sy, sz],
+        )?;
+        if nl > 0 {
+            graph.dispatch(
+                &key(Kernel::ChunkBwdDqkwg),
+                &[&pc, &info, q, k, gc, ck, dh, vn, dvn, dout, dqp, dkp, dw, dgc],
+                [hv, cy, cz],
+            )?;
+            graph.dispatch(
+                &key(Kernel::ChunkBwdWy),
+                &[&pc, &info, k, v, g, gc, bm, a, dw, dvn, dgc, dkp, dm, &dv.buffer, &dbeta.buffer, &dg.buffer],
+                [hv, cy, cz],
+            )?;
+            graph.dispatch(
+                &key(Kernel::ChunkBwdReduce),
+                &[&pc, &info, dqp, dkp, &dq.buffer, &dk.buffer],
+                [d.h as u32, cy, cz],
+            )?;
+        }
+    }
+    eng.submit(graph)?;
+    Ok(Grads { dq, dk, dv, dg, dbeta, dh0 })
+}
+
+impl Saved {
+    /// The saved inputs as [`Inputs`] (the recompute passes read them).
+    fn inputs(&self) -> Inputs<'_> {
+        let mut x = Inputs::new(self.q(), self.k(), self.v(), self.g(), self.beta());
+        x.mask = self.mask();
+        x
+    }
+}
