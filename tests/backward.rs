@@ -549,3 +549,28 @@ fn chunked_backward_refuses_what_it_cannot_do() {
     let err = e5.forward_train(&dev.inputs(None), &c.opts).expect_err("checkpoint interval");
     assert!(matches!(err, Error::Option { name: "checkpoint_every", .. }), "{err:?}");
 }
+
+/// Auto in deterministic mode takes the chunked backward for a scalar gate (no atomics, bounded
+/// scratch); the per-key gate stays on the recurrent kernel's deterministic path.
+#[test]
+fn auto_deterministic_backward_is_chunked_for_a_scalar_gate() {
+    let e = atomic();
+    let mut c = Case::new(1, 150, 2, 4, 32, 32);
+    c.h0 = true;
+    c.opts.deterministic = true;
+    let (g, saved) = {
+        let b = bcase(c.clone(), true);
+        let d = b.c.data();
+        let (d_o, dht) = upstream(&b);
+        run_gpu(e, &b, &d, &d_o, dht.as_ref())
+    };
+    assert!(g.iter().all(|(_, x)| x.iter().all(|v| v.is_finite())));
+    assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), Some(64));
+    check_backward(e, &bcase(c.clone(), true));
+    c.gate = GateKind::PerKey;
+    let b = bcase(c, false);
+    let d = b.c.data();
+    let (d_o, dht) = upstream(&b);
+    let (_, saved) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
+    assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), None);
+}

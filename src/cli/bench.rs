@@ -11,7 +11,7 @@ use wgdelta::{Algorithm, DType, Dims, Engine, GateSpace, Gpu, Options, Problem, 
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// Which sweep: decode, prefill, chunked, crossover, train, all.
+    /// Which sweep: decode, prefill, chunked, crossover, train, train-crossover, all.
     #[arg(long, default_value = "all")]
     pub preset: String,
     /// Timed runs per case (after warm-up).
@@ -110,6 +110,17 @@ fn preset(name: &str) -> Vec<Case> {
         for (b, t) in [(1, 4096), (8, 8192)] {
             for det in [false, true] {
                 v.push(Case { deterministic: det, ..f(Mode::Train, b, t, DType::BF16, Recurrent) });
+            }
+            v.push(f(Mode::Train, b, t, DType::BF16, Chunked { chunk: 64 }));
+        }
+    }
+    if name == "train-crossover" {
+        // Where the chunked backward overtakes the recurrent one (Auto's backward rule).
+        for b in [1, 4, 16] {
+            for t in [256, 1024, 4096] {
+                for c in [Recurrent, Chunked { chunk: 64 }] {
+                    v.push(f(Mode::Train, b, t, DType::BF16, c));
+                }
             }
         }
     }

@@ -251,6 +251,17 @@ pub fn scratch_bytes(p: &Problem, chunk: usize, packed: bool, max_local: usize) 
     bufs + carry.max(16).next_power_of_two()
 }
 
+/// Peak scratch bytes of a chunked backward of `p` (`bwd_scratch_per_chunk`, windows of at most
+/// `max_local` chunks) as the pool holds them, plus the carried dS; the saved states, inputs and
+/// gradients are not scratch.
+pub fn bwd_scratch_bytes(p: &Problem, chunk: usize, max_local: usize) -> u64 {
+    let l = windows(p, chunk, max_local).iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
+    let bufs: u64 = bwd_scratch_per_chunk(p, chunk).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
+    let d = &p.dims;
+    let carry = if p.has_h0 { 0 } else { (p.n_seqs() * d.hv * d.k * d.v * 4) as u64 };
+    bufs + carry.max(16).next_power_of_two()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +329,27 @@ mod tests {
             assert_eq!(l, 64);
             assert!(scratch_bytes(&p, 64, packed, l) <= DEFAULT_WINDOW_BYTES);
         }
+    }
+
+    /// Memory of forward + backward for the issue's case B=1, T=16384, HV=32, K=V=128, chunk 64.
+    #[test]
+    fn backward_memory_for_long_sequence() {
+        let p = problem(1, 16384, 32, 128, None);
+        let per = bwd_scratch_per_chunk(&p, 64);
+        let l = max_local_for(&p, 64, &per, DEFAULT_WINDOW_BYTES, 2 << 30);
+        let scratch = bwd_scratch_bytes(&p, 64, l);
+        let states = 32 * 256 * 128 * 128 * 4u64; // N * HV * T/64 * K * V floats
+        let grads = 2 * 16384 * 16 * 128 * 4 + 16384 * 32 * 128 * 4 + 2 * 16384 * 32 * 4u64;
+        println!(
+            "B=1 T=16384 HV=32 K=V=128 C=64: saved states {} MiB (T/64 = 256 per head), backward scratch {} MiB \
+             (windows of {l} chunks, {} KiB per chunk), gradients {} MiB",
+            states >> 20,
+            scratch >> 20,
+            per.iter().sum::<u64>() >> 10,
+            grads >> 20
+        );
+        assert!(scratch <= DEFAULT_WINDOW_BYTES);
+        assert_eq!(l, 32);
     }
 
     /// Where the cooperative-matrix state walk runs: NVIDIA's 48 KiB take chunk 64 at K=128; Apple's

@@ -92,10 +92,15 @@ pub struct Grads {
     pub dh0: Option<Tensor>,
 }
 
-/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes on a device with `caps`.
-/// Not yet: until the crossover is measured, Auto's backward is the recurrent kernel.
-pub fn auto_chunked_backward(_p: &Problem, _caps: &crate::device::Caps) -> bool {
-    false
+/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes on a device with `caps`:
+/// only in deterministic mode with a scalar gate (and no per-key gate or `Settings::accum` forcing
+/// otherwise). Its passes use no atomics, so it is bitwise repeatable with scratch bounded by the
+/// window budget, while the recurrent kernel's deterministic partial sums grow with T (B=1 T=4096,
+/// HV=32, K=V=128: 8.6 GB, refused). With atomics the recurrent backward is faster at every shape
+/// measured on the H100 (docs/PERF.md, run R20: bf16 B=1 T=4096 21.3 against 37.4 ms for forward +
+/// backward; B=1..16, T=256..4096 all 1.7-1.9x), so Auto keeps it there.
+pub fn auto_chunked_backward(p: &Problem, _caps: &crate::device::Caps) -> bool {
+    p.deterministic && super::chunked_unsupported(p).is_none()
 }
 
 impl Engine {
