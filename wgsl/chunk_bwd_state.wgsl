@@ -25,6 +25,7 @@ var<workgroup> ds: array<f32, TILE>;     // dS[m][c] at m * BV + c (K * BV <= TI
 var<workgroup> dvt: array<f32, 1024>;    // the chunk's dvn[i][c] at i * BV + c (C * BV <= 1024)
 var<workgroup> dos: array<f32, 1024>;    // the chunk's do[i][c] likewise
 var<workgroup> gcs: array<f32, 64>;
+var<workgroup> qf: array<f32, 64>;       // scale exp(gc_i), the chunk's query factors
 var<workgroup> seq_range: vec3<u32>;
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
@@ -66,7 +67,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let ch = chunk_at(lc);
         let hb = (lc * HV + hv) * CH;
         if (lid < CH) {
-            gcs[lid] = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
+            let x = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
+            gcs[lid] = x;
+            qf[lid] = P.scale * exp(x);
         }
         let dhb = (lc * HV + hv) * K * V + j0;
         for (var e = lid; e < K * BV; e += WG) {
@@ -100,7 +103,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let c = e % BV;
             var acc = dl * ds[e];
             for (var i = 0u; i < ch.y; i++) {
-                let qg = P.scale * exp(gcs[i]) * ld_q(((ch.x + i) * H + hk) * K + m);
+                let qg = qf[i] * ld_q(((ch.x + i) * H + hk) * K + m);
                 acc += qg * dos[i * BV + c] - w[(hb + i) * K + m] * dvt[i * BV + c];
             }
             ds[e] = acc; // each thread reads only its own entries of dS here
