@@ -116,30 +116,36 @@ fn gradient_case_matches_reference_and_is_deterministic() {
     let cp = tmp("grad.safetensors");
     let (d, up) = write_case(&c, true, &cp);
     let (d_o, dht) = up.expect("upstream gradients");
-    let (o1, o2) = (tmp("grad_out1.safetensors"), tmp("grad_out2.safetensors"));
-    let (ok, err) = run(&cp, &o1, &["--deterministic"]);
-    assert!(ok, "gradient case failed: {err}");
-    let (ok, err) = run(&cp, &o2, &["--deterministic", "--algorithm", "recurrent"]);
-    assert!(ok, "second run failed: {err}");
-    let b1 = std::fs::read(&o1).expect("read");
-    let b2 = std::fs::read(&o2).expect("read");
-    println!("--deterministic: two runs give {} and {} bytes, identical: {}", b1.len(), b2.len(), b1 == b2);
-    assert_eq!(b1, b2, "--deterministic must give byte-identical files");
-
-    let got = TensorFile::read(&o1).expect("read results");
     let p = problem(&c, &d);
     let wide = d.to_f64();
     let x = wide.inputs();
     let dht = dht.map(|t| t.to_f64());
     let rg = reference::backward(&p, &x, &d_o.to_f64(), dht.as_deref());
-    let tol = 3e-4;
-    check("gradients", &got, "dq", &rg.dq, tol);
-    check("gradients", &got, "dk", &rg.dk, tol);
-    check("gradients", &got, "dv", &rg.dv, tol);
-    check("gradients", &got, "dg", &rg.dg, tol);
-    check("gradients", &got, "dbeta", &rg.dbeta, tol);
-    check("gradients", &got, "dh0", rg.dh0.as_ref().expect("dh0"), tol);
-    check("gradients", &got, "o", &reference::forward(&p, &x).o, 1e-4);
+    // Auto (deterministic: the chunked backward for this scalar gate) and the recurrent kernel's
+    // deterministic mode: each run twice gives byte-identical files, and both match the reference.
+    for (tag, flags) in
+        [("auto", &["--deterministic"][..]), ("recurrent", &["--deterministic", "--algorithm", "recurrent"])]
+    {
+        let (o1, o2) = (tmp(&format!("grad_{tag}1.safetensors")), tmp(&format!("grad_{tag}2.safetensors")));
+        let (ok, err) = run(&cp, &o1, flags);
+        assert!(ok, "{tag}: gradient case failed: {err}");
+        let (ok, err) = run(&cp, &o2, flags);
+        assert!(ok, "{tag}: second run failed: {err}");
+        let b1 = std::fs::read(&o1).expect("read");
+        let b2 = std::fs::read(&o2).expect("read");
+        println!("{tag} --deterministic: two runs give {} and {} bytes, identical: {}", b1.len(), b2.len(), b1 == b2);
+        assert!(b1 == b2, "{tag}: --deterministic must give byte-identical files");
+
+        let got = TensorFile::read(&o1).expect("read results");
+        let tol = 3e-4;
+        check(tag, &got, "dq", &rg.dq, tol);
+        check(tag, &got, "dk", &rg.dk, tol);
+        check(tag, &got, "dv", &rg.dv, tol);
+        check(tag, &got, "dg", &rg.dg, tol);
+        check(tag, &got, "dbeta", &rg.dbeta, tol);
+        check(tag, &got, "dh0", rg.dh0.as_ref().expect("dh0"), tol);
+        check(tag, &got, "o", &reference::forward(&p, &x).o, 1e-4);
+    }
 }
 
 #[test]
