@@ -5,26 +5,76 @@
 // chunk's keys) is computed once and shared by the GROUP value heads hv of hk. For each of them:
 //     N_ij = beta_i G_ij exp(gc_i - gc_j)      for j < i < len, else 0   (StrictLower, decay mask)
 //     A    = (I + N)^-1                          unit lower triangular
-// by forward substitution, row by row, the C columns solved in parallel in workgroup memory:
-//     A_im = -N_im - sum_{m < j < i} N_ij A_jm   (m < i),   A_ii = 1
 // The exponent gc_i - gc_j <= 0 for j < i, so no factor overflows (strong decays underflow to 0).
 // Output a [L, HV, C, C] (rows i >= len are e_i).
 //
-// Grid: (H, local chunks on y/z). G is tiled through workgroup memory in K-slices of BK columns;
-// each thread holds C*C/WG entries of G in registers. The same workgroup array then holds N/A.
+// Grid: (H, local chunks on y/z).
+// G: thread (ti, tj) owns a 4x4 block in registers; K-slices of BS columns are staged transposed
+// in workgroup memory as vec4 over rows, each slice's global reads issued one slice ahead into
+// registers with fixed counts (the staging rule of docs/PERF.md), so no slice waits on memory.
+// The inverse is blocked by NB = 16 rows, so that no step is a long sequential chain:
+//   1. each diagonal block's inverse, one thread per (block, column) solving that column by forward
+//      substitution in registers: no barriers inside (a row-by-row substitution over all C rows
+//      took two barriers per row);
+//   2. block row p = 1 .. C/NB - 1 in turn:  A_pq = -A_pp sum_{q <= r < p} N_pr A_rq  (q < p),
+//      all q and entries at once, first the sums (into tb), then the products with A_pp.
+// N is overwritten by A in place: step 2 for block row p reads N from row p and A from rows < p.
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> gc: array<f32>;
-@group(0) @binding(4) var<storage, read> bm: array<f32>;
-@group(0) @binding(5) var<storage, read_write> a: array<f32>;
+@group(0) @binding(3) var<storage, read> gc: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> bm: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> a: array<vec4<f32>>;
 
-const BK: u32 = 16u;
-const BKP: u32 = BK + 1u; // padded row stride of the staged slice (no bank conflicts)
-const MAX_GE: u32 = 16u; // entries of G per thread: C*C/WG <= 4096/256
+const BS: u32 = 16u;   // K slice of the Gram product
+const CP: u32 = 17u;   // vec4s per row of the transposed slice: C / 4 <= 16, plus one
+const NB: u32 = 16u;   // block size of the inverse
+// Row stride of N/A in workgroup memory: C + 4 puts rows i and i + 1 four banks apart (step 2
+// reads two rows per subgroup) and keeps blocks b and b + 1 of step 1 sixteen banks apart.
+const NS: u32 = 68u;
 
-var<workgroup> buf: array<f32, TILE>;
+var<workgroup> ks: array<vec4<f32>, 272>;   // key slice, [m][i / 4] at m * CP + i / 4
+var<workgroup> na: array<f32, 4352>;        // N, then A, row i at i * NS (C x NS, C <= 64)
+var<workgroup> tb: array<f32, 768>;         // sums of one block row: (C / NB - 1) blocks of NB x NB
 
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+
+// A thread's share of K-slice m0: C x BS / WG values (rows past the chunk's end 0).
+fn fetch_k(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 4> {
+    var f: array<f32, 4>;
+    for (var x = 0u; x < CH * BS / WG; x++) {
+        let e = lid + WG * x;
+        let i = e / BS;
+        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + e % BS;
+        f[x] = select(0.0, ld_k(at), i < ch.y);
+    }
+    return f;
+}
+
+// What a thread of the Gram tile needs of one value head: gc of its rows and columns, beta of its
+// rows (gc and bm are padded to C rows per head, so the reads stay in bounds for any tile).
+struct Head {
+    gi: vec4<f32>,
+    bi: vec4<f32>,
+    gj: vec4<f32>,
+}
+
+fn fetch_head(hv: u32, lc: u32, ti: u32, tj: u32) -> Head {
+    let hb4 = (lc * HV + hv) * (CH / 4u);
+    let q4 = CH / 4u;
+    var f: Head;
+    f.gi = gc[hb4 + min(ti, q4 - 1u)];
+    f.bi = bm[hb4 + min(ti, q4 - 1u)];
+    f.gj = gc[hb4 + min(tj, q4 - 1u)];
+    return f;
+}
+
+// a (4 rows) x b (4 columns), accumulated into acc.
+fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
+    (*acc)[0] += a.x * b;
+    (*acc)[1] += a.y * b;
+    (*acc)[2] += a.z * b;
+    (*acc)[3] += a.w * b;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -34,72 +84,113 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let hk = wid.x;
     let ch = chunk_at(lc);
-    let ne = (CH * CH) / WG;
 
-    // G = K K^T, K-slices of BK staged as buf[i * BKP + m].
-    var gram: array<f32, MAX_GE>;
-    for (var x = 0u; x < MAX_GE; x++) {
-        gram[x] = 0.0;
+    // G = K K^T: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4.
+    let q4 = CH / 4u;
+    let ti = lid / q4;
+    let tj = lid % q4;
+    let in_tile = ti < q4;
+    var g: array<vec4<f32>, 4>;
+    for (var r = 0u; r < 4u; r++) {
+        g[r] = vec4<f32>(0.0);
     }
-    for (var m0 = 0u; m0 < K; m0 += BK) {
-        for (var e = lid; e < CH * BK; e += WG) {
-            let i = e / BK;
-            var val = 0.0;
-            if (i < ch.y) {
-                val = ld_k(((ch.x + i) * H + hk) * K + m0 + e % BK);
-            }
-            buf[i * BKP + e % BK] = val;
-        }
+    var nx = fetch_k(0u, lid, ch, hk);
+    var hd = fetch_head(hk * GROUP, lc, ti, tj);
+    for (var m0 = 0u; m0 < K; m0 += BS) {
         workgroupBarrier();
-        for (var x = 0u; x < ne; x++) {
+        for (var x = 0u; x < CH * BS / WG; x++) {
             let e = lid + WG * x;
-            let i = e / CH;
-            let j = e % CH;
-            var acc = gram[x];
-            for (var m = 0u; m < BK; m++) {
-                acc += buf[i * BKP + m] * buf[j * BKP + m];
-            }
-            gram[x] = acc;
+            let i = e / BS;
+            ks[(e % BS) * CP + i / 4u][i % 4u] = nx[x];
         }
         workgroupBarrier();
+        if (m0 + BS < K) {
+            nx = fetch_k(m0 + BS, lid, ch, hk);
+        }
+        if (in_tile) {
+            for (var kk = 0u; kk < BS; kk++) {
+                outer4(&g, ks[kk * CP + ti], ks[kk * CP + tj]);
+            }
+        }
     }
 
+    let nb = CH / NB;
+    let db = lid / NB; // step 1: diagonal block and column of this thread
+    let dcol = lid % NB;
     for (var gi = 0u; gi < GROUP; gi++) {
         let hv = hk * GROUP + gi;
-        let hb = (lc * HV + hv) * CH;
-        // N, row-major in buf.
-        for (var x = 0u; x < ne; x++) {
-            let e = lid + WG * x;
-            let i = e / CH;
-            let j = e % CH;
-            var nij = 0.0;
-            if (j < i) {
-                nij = bm[hb + i] * gram[x] * exp(gc[hb + i] - gc[hb + j]);
-            }
-            buf[e] = nij;
-        }
-        workgroupBarrier();
-        // Forward substitution; thread m owns column m. Row i is read whole before it is rewritten.
-        for (var i = 1u; i < CH; i++) {
-            let m = lid;
-            var acc = 0.0;
-            if (m < i) {
-                acc = -buf[i * CH + m];
-                for (var j = m + 1u; j < i; j++) {
-                    acc -= buf[i * CH + j] * buf[j * CH + m];
+        // N into na (the previous head's A has been written out: barrier at the loop's end).
+        if (in_tile) {
+            for (var r = 0u; r < 4u; r++) {
+                let i = ti * 4u + r;
+                for (var c = 0u; c < 4u; c++) {
+                    let j = tj * 4u + c;
+                    na[i * NS + j] = select(0.0, hd.bi[r] * g[r][c] * exp(hd.gi[r] - hd.gj[c]), j < i);
                 }
             }
+        }
+        if (gi + 1u < GROUP) {
+            hd = fetch_head(hv + 1u, lc, ti, tj);
+        }
+        workgroupBarrier();
+
+        // 1. Diagonal blocks: column dcol of (I + N_bb)^-1, rows r0 .. r0 + NB.
+        var x: array<f32, NB>;
+        let r0 = db * NB;
+        if (db < nb) {
+            for (var r = 0u; r < NB; r++) {
+                var s = select(0.0, 1.0, r == dcol);
+                for (var q = 0u; q < r; q++) {
+                    s -= na[(r0 + r) * NS + r0 + q] * x[q];
+                }
+                x[r] = s;
+            }
+        }
+        workgroupBarrier();
+        if (db < nb) {
+            for (var r = 0u; r < NB; r++) {
+                na[(r0 + r) * NS + r0 + dcol] = x[r];
+            }
+        }
+        workgroupBarrier();
+
+        // 2. Block rows below the first; entry e of the row's p blocks: block q = e / NB², row i,
+        // column m (q is the same for all threads of one pass of the loop).
+        for (var p = 1u; p < nb; p++) {
+            let rp = p * NB;
+            for (var e = lid; e < p * NB * NB; e += WG) {
+                let q = e / (NB * NB);
+                let i = (e / NB) % NB;
+                let m = e % NB;
+                var s = 0.0;
+                for (var c = q * NB; c < rp; c++) {
+                    s += na[(rp + i) * NS + c] * na[c * NS + q * NB + m];
+                }
+                tb[e] = s;
+            }
             workgroupBarrier();
-            if (m < i) {
-                buf[i * CH + m] = acc;
+            for (var e = lid; e < p * NB * NB; e += WG) {
+                let q = e / (NB * NB);
+                let i = (e / NB) % NB;
+                let m = e % NB;
+                var s = 0.0;
+                for (var c = 0u; c <= i; c++) {
+                    s += na[(rp + i) * NS + rp + c] * tb[q * NB * NB + c * NB + m];
+                }
+                na[(rp + i) * NS + q * NB + m] = -s;
             }
             workgroupBarrier();
         }
-        let ab = hb * CH;
-        for (var e = lid; e < CH * CH; e += WG) {
-            let i = e / CH;
-            let j = e % CH;
-            a[ab + e] = select(select(0.0, buf[e], j < i), 1.0, i == j);
+
+        // A out, zeros above the diagonal and ones on it.
+        let ab4 = (lc * HV + hv) * CH * (CH / 4u);
+        for (var e = lid; e < CH * q4; e += WG) {
+            let i = e / q4;
+            let j = (e % q4) * 4u;
+            let o = i * NS + j;
+            let jv = vec4<u32>(j, j + 1u, j + 2u, j + 3u);
+            let val = vec4<f32>(na[o], na[o + 1u], na[o + 2u], na[o + 3u]);
+            a[ab4 + e] = select(select(vec4<f32>(0.0), val, jv < vec4<u32>(i)), vec4<f32>(1.0), jv == vec4<u32>(i));
         }
         workgroupBarrier();
     }

@@ -7,22 +7,68 @@
 // Outputs w [L, HV, C, K], u [L, HV, C, V].
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
-// w (tiles below K) or of u. The right-hand side (C x BD) is staged in workgroup memory, scaled
-// once; rows of A are read from global memory. Thread (tr, tc) accumulates TM rows x 4 columns in
-// registers, over j up to its last row only (A is lower triangular).
+// w (tiles below K) or of u, out[:, tile] = A X[:, tile] with X = (bm exp(gc)) ∘ K or bm ∘ V, as a
+// contraction over the chunk's C rows in slices of BS. Each slice of A (transposed, vec4 over rows)
+// and of X (vec4 over columns) is staged in workgroup memory, its global reads issued one slice
+// ahead into registers with fixed counts (the staging rule of docs/PERF.md): no staging step waits
+// on its own load, and the product loop reads workgroup memory only. Thread (tr, tc) accumulates
+// 4 rows x 4 columns, two vec4 reads per 16 FMAs, and skips slices right of its rows (A is lower
+// triangular, so they add zeros).
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> v: array<u32>;
 @group(0) @binding(4) var<storage, read> gc: array<f32>;
 @group(0) @binding(5) var<storage, read> bm: array<f32>;
-@group(0) @binding(6) var<storage, read> a: array<f32>;
-@group(0) @binding(7) var<storage, read_write> w: array<f32>;
-@group(0) @binding(8) var<storage, read_write> u: array<f32>;
+// A, w and u as vec4: C, K, V and BD are multiples of 16, so every access below is aligned.
+@group(0) @binding(6) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> w: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> u: array<vec4<f32>>;
 
-var<workgroup> xs: array<f32, TILE>;
+const BS: u32 = 16u;   // contraction slice (rows j of X, columns of A)
+const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BD / 4 <= 16, plus one
+
+var<workgroup> la: array<vec4<f32>, 272>;   // slice of A, [jj][i / 4] at jj * CP + i / 4
+var<workgroup> rx: array<vec4<f32>, 272>;   // slice of X, [jj][c / 4] at jj * CP + c / 4
+var<workgroup> fs: array<f32, 64>;          // row factor of X: bm exp(gc) (w) or bm (u); 0 past len
 
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 fn ld_v(i: u32) -> f32 { return decode(QKV_DT, v[word_of(QKV_DT, i)], i); }
+
+// A thread's share of one slice: one vec4 of A (4 columns of a row; C x BS / 4 vec4s in all, so
+// threads past C * 4 hold none) and up to 4 unscaled values of X (BS x BD / WG).
+struct Slice {
+    l: vec4<f32>,
+    r: array<f32, 4>,
+}
+
+// Slice j0: columns j0 .. j0 + BS of A, rows j0 .. j0 + BS of K or V (rows past the chunk's end 0).
+fn fetch(j0: u32, lid: u32, ch: vec3<u32>, hb: u32, is_w: bool, hk: u32, hv: u32, d0: u32) -> Slice {
+    var f: Slice;
+    if (lid < CH * (BS / 4u)) {
+        f.l = a[((hb + lid / 4u) * CH + j0) / 4u + lid % 4u];
+    }
+    for (var x = 0u; x < BS * BD / WG; x++) {
+        let e = lid + WG * x;
+        let j = j0 + e / BD;
+        let row = ch.x + min(j, ch.y - 1u);
+        var val: f32;
+        if (is_w) {
+            val = ld_k((row * H + hk) * K + d0 + e % BD);
+        } else {
+            val = ld_v((row * HV + hv) * V + d0 - K + e % BD);
+        }
+        f.r[x] = select(0.0, val, j < ch.y);
+    }
+    return f;
+}
+
+// a (4 rows) x b (4 columns), accumulated into acc.
+fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
+    (*acc)[0] += a.x * b;
+    (*acc)[1] += a.y * b;
+    (*acc)[2] += a.z * b;
+    (*acc)[3] += a.w * b;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -38,47 +84,58 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
 
-    for (var e = lid; e < CH * BD; e += WG) {
-        let j = e / BD;
-        let d = e % BD;
-        var x = 0.0;
-        if (j < ch.y) {
-            let row = ch.x + j;
+    var nx = fetch(0u, lid, ch, hb, is_w, hk, hv, d0);
+    if (lid < CH) {
+        var f = 0.0;
+        if (lid < ch.y) {
+            f = bm[hb + lid];
             if (is_w) {
-                x = bm[hb + j] * exp(gc[hb + j]) * ld_k((row * H + hk) * K + d0 + d);
-            } else {
-                x = bm[hb + j] * ld_v((row * HV + hv) * V + d0 - K + d);
+                f *= exp(gc[hb + lid]);
             }
         }
-        xs[e] = x;
+        fs[lid] = f;
     }
-    workgroupBarrier();
-    let tm = max(1u, (CH * BD) / (4u * WG));
+
+    let q4 = CH / 4u;
     let tc = lid % (BD / 4u);
     let tr = lid / (BD / 4u);
-    if (tr * tm >= CH) {
-        return;
-    }
+    let in_tile = tr < q4;
     var acc: array<vec4<f32>, 4>;
     for (var r = 0u; r < 4u; r++) {
         acc[r] = vec4<f32>(0.0);
     }
-    let d4 = tc * 4u;
-    let i0 = tr * tm;
-    for (var j = 0u; j < i0 + tm; j++) {
-        let xb = j * BD + d4;
-        let xv = vec4<f32>(xs[xb], xs[xb + 1u], xs[xb + 2u], xs[xb + 3u]);
-        for (var r = 0u; r < tm; r++) {
-            acc[r] += a[(hb + i0 + r) * CH + j] * xv;
+    for (var j0 = 0u; j0 < CH; j0 += BS) {
+        workgroupBarrier();
+        if (lid < CH * (BS / 4u)) {
+            let i = lid / 4u;
+            let jq = (lid % 4u) * 4u;
+            la[jq * CP + i / 4u][i % 4u] = nx.l.x;
+            la[(jq + 1u) * CP + i / 4u][i % 4u] = nx.l.y;
+            la[(jq + 2u) * CP + i / 4u][i % 4u] = nx.l.z;
+            la[(jq + 3u) * CP + i / 4u][i % 4u] = nx.l.w;
+        }
+        for (var x = 0u; x < BS * BD / WG; x++) {
+            let e = lid + WG * x;
+            let c = e % BD;
+            rx[(e / BD) * CP + c / 4u][c % 4u] = fs[j0 + e / BD] * nx.r[x];
+        }
+        workgroupBarrier();
+        if (j0 + BS < CH) {
+            nx = fetch(j0 + BS, lid, ch, hb, is_w, hk, hv, d0);
+        }
+        if (in_tile && tr * 4u + 3u >= j0) {
+            for (var kk = 0u; kk < BS; kk++) {
+                outer4(&acc, la[kk * CP + tr], rx[kk * CP + tc]);
+            }
         }
     }
-    for (var r = 0u; r < tm; r++) {
-        let i = i0 + r;
-        for (var cc = 0u; cc < 4u; cc++) {
+    if (in_tile) {
+        for (var r = 0u; r < 4u; r++) {
+            let i = tr * 4u + r;
             if (is_w) {
-                w[(hb + i) * K + d0 + d4 + cc] = acc[r][cc];
+                w[((hb + i) * K + d0 + tc * 4u) / 4u] = acc[r];
             } else {
-                u[(hb + i) * V + d0 - K + d4 + cc] = acc[r][cc];
+                u[((hb + i) * V + d0 - K + tc * 4u) / 4u] = acc[r];
             }
         }
     }
