@@ -46,16 +46,26 @@ fn na_at(i: u32, j: u32) -> f32 {
     return na[i * NS4 + j / 4u][j % 4u];
 }
 
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+// Elements i and i + 1 of k (i even): one word for f16/bf16 (half the load instructions).
+fn ld_k2(i: u32) -> vec2<f32> {
+    if (QKV_DT == DT_F32) {
+        return vec2<f32>(bitcast<f32>(k[i]), bitcast<f32>(k[i + 1u]));
+    }
+    let w = k[i >> 1u];
+    return vec2<f32>(decode(QKV_DT, w, i), decode(QKV_DT, w, i + 1u));
+}
 
-// A thread's share of K-slice m0: C x BS / WG <= BS / 4 values (rows past the chunk's end 0).
-fn fetch_k(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, BS / 4u> {
-    var f: array<f32, BS / 4u>;
-    for (var x = 0u; x < CH * BS / WG; x++) {
-        let e = lid + WG * x;
-        let i = e / BS;
-        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + e % BS;
-        f[x] = select(0.0, ld_k(at), i < ch.y);
+// A thread's share of K-slice m0: C x BS / (2 WG) <= BS / 8 pairs of adjacent columns (rows past
+// the chunk's end 0).
+fn fetch_k(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<vec2<f32>, BS / 8u> {
+    var f: array<vec2<f32>, BS / 8u>;
+    for (var x = 0u; x < (CH * BS / 2u + WG - 1u) / WG; x++) {
+        // C = 16 has fewer pairs than threads: the surplus threads load the last pair again and
+        // store the same values, which keeps the count fixed and the loop free of branches.
+        let e = min(lid + WG * x, CH * BS / 2u - 1u);
+        let i = e / (BS / 2u);
+        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + 2u * (e % (BS / 2u));
+        f[x] = select(vec2<f32>(0.0), ld_k2(at), i < ch.y);
     }
     return f;
 }
@@ -108,10 +118,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var hd = fetch_head(hk * GROUP, lc, ti, tj);
     for (var m0 = 0u; m0 < K; m0 += BS) {
         workgroupBarrier();
-        for (var x = 0u; x < CH * BS / WG; x++) {
-            let e = lid + WG * x;
-            let i = e / BS;
-            ks[(e % BS) * CP + i / 4u][i % 4u] = nx[x];
+        for (var x = 0u; x < (CH * BS / 2u + WG - 1u) / WG; x++) {
+            let e = min(lid + WG * x, CH * BS / 2u - 1u);
+            let i = e / (BS / 2u);
+            let m = 2u * (e % (BS / 2u));
+            ks[m * CP + i / 4u][i % 4u] = nx[x].x;
+            ks[(m + 1u) * CP + i / 4u][i % 4u] = nx[x].y;
         }
         workgroupBarrier();
         if (m0 + BS < K) {
