@@ -17,7 +17,10 @@
 //      substitution in registers: no barriers inside (a row-by-row substitution over all C rows
 //      took two barriers per row);
 //   2. block row p = 1 .. C/NB - 1 in turn:  A_pq = -A_pp sum_{q <= r < p} N_pr A_rq  (q < p),
-//      all q and entries at once, first the sums (into tb), then the products with A_pp.
+//      all q and entries at once, first the sums (into tb4), then the products with A_pp; each
+//      thread takes 4 adjacent entries of a row, so a term costs one scalar and one vec4 read of
+//      workgroup memory per 4 FMAs (one entry per thread took two reads per FMA: 0.22 against
+//      0.14 ms per window on the H100).
 // N is overwritten by A in place: step 2 for block row p reads N from row p and A from rows < p.
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
@@ -28,24 +31,41 @@
 const BS: u32 = 16u;   // K slice of the Gram product
 const CP: u32 = 17u;   // vec4s per row of the transposed slice: C / 4 <= 16, plus one
 const NB: u32 = 16u;   // block size of the inverse
-// Row stride of N/A in workgroup memory: C + 4 puts rows i and i + 1 four banks apart (step 2
-// reads two rows per subgroup) and keeps blocks b and b + 1 of step 1 sixteen banks apart.
-const NS: u32 = 68u;
+// Row stride of N/A in workgroup memory, in vec4s: 64 / 4 + 1 puts rows i and i + 1 four banks
+// apart (step 2 reads eight rows per subgroup) and keeps blocks b and b + 1 of step 1 sixteen
+// banks apart.
+const NS4: u32 = 17u;
 
-var<workgroup> ks: array<vec4<f32>, 272>;   // key slice, [m][i / 4] at m * CP + i / 4
-var<workgroup> na: array<f32, 4352>;        // N, then A, row i at i * NS (C x NS, C <= 64)
-var<workgroup> tb: array<f32, 768>;         // sums of one block row: (C / NB - 1) blocks of NB x NB
+// Key slice, [m][i / 4] at m * CP + i / 4. In the solve it holds step 2's sums instead (tb4:
+// (C / NB - 1) blocks of NB x NB <= 192 vec4s), which keeps the pass within 22 KiB.
+var<workgroup> ks: array<vec4<f32>, BS * CP>;
+var<workgroup> na: array<vec4<f32>, 1088>;  // N, then A: row i at i * NS4 (C x 4 NS4 floats, C <= 64)
 
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
+// Element (i, j) of N/A.
+fn na_at(i: u32, j: u32) -> f32 {
+    return na[i * NS4 + j / 4u][j % 4u];
+}
 
-// A thread's share of K-slice m0: C x BS / WG values (rows past the chunk's end 0).
-fn fetch_k(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 4> {
-    var f: array<f32, 4>;
-    for (var x = 0u; x < CH * BS / WG; x++) {
-        let e = lid + WG * x;
-        let i = e / BS;
-        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + e % BS;
-        f[x] = select(0.0, ld_k(at), i < ch.y);
+// Elements i and i + 1 of k (i even): one word for f16/bf16 (half the load instructions).
+fn ld_k2(i: u32) -> vec2<f32> {
+    if (QKV_DT == DT_F32) {
+        return vec2<f32>(bitcast<f32>(k[i]), bitcast<f32>(k[i + 1u]));
+    }
+    let w = k[i >> 1u];
+    return vec2<f32>(decode(QKV_DT, w, i), decode(QKV_DT, w, i + 1u));
+}
+
+// A thread's share of K-slice m0: C x BS / (2 WG) <= BS / 8 pairs of adjacent columns (rows past
+// the chunk's end 0).
+fn fetch_k(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<vec2<f32>, BS / 8u> {
+    var f: array<vec2<f32>, BS / 8u>;
+    for (var x = 0u; x < (CH * BS / 2u + WG - 1u) / WG; x++) {
+        // C = 16 has fewer pairs than threads: the surplus threads load the last pair again and
+        // store the same values, which keeps the count fixed and the loop free of branches.
+        let e = min(lid + WG * x, CH * BS / 2u - 1u);
+        let i = e / (BS / 2u);
+        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + 2u * (e % (BS / 2u));
+        f[x] = select(vec2<f32>(0.0), ld_k2(at), i < ch.y);
     }
     return f;
 }
@@ -98,10 +118,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var hd = fetch_head(hk * GROUP, lc, ti, tj);
     for (var m0 = 0u; m0 < K; m0 += BS) {
         workgroupBarrier();
-        for (var x = 0u; x < CH * BS / WG; x++) {
-            let e = lid + WG * x;
-            let i = e / BS;
-            ks[(e % BS) * CP + i / 4u][i % 4u] = nx[x];
+        for (var x = 0u; x < (CH * BS / 2u + WG - 1u) / WG; x++) {
+            let e = min(lid + WG * x, CH * BS / 2u - 1u);
+            let i = e / (BS / 2u);
+            let m = 2u * (e % (BS / 2u));
+            ks[m * CP + i / 4u][i % 4u] = nx[x].x;
+            ks[(m + 1u) * CP + i / 4u][i % 4u] = nx[x].y;
         }
         workgroupBarrier();
         if (m0 + BS < K) {
@@ -121,12 +143,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let hv = hk * GROUP + gi;
         // N into na (the previous head's A has been written out: barrier at the loop's end).
         if (in_tile) {
+            let jv = vec4<u32>(0u, 1u, 2u, 3u) + tj * 4u;
             for (var r = 0u; r < 4u; r++) {
                 let i = ti * 4u + r;
-                for (var c = 0u; c < 4u; c++) {
-                    let j = tj * 4u + c;
-                    na[i * NS + j] = select(0.0, hd.bi[r] * g[r][c] * exp(hd.gi[r] - hd.gj[c]), j < i);
-                }
+                let n = hd.bi[r] * g[r] * exp(hd.gi[r] - hd.gj);
+                na[i * NS4 + tj] = select(vec4<f32>(0.0), n, jv < vec4<u32>(i));
             }
         }
         if (gi + 1u < GROUP) {
@@ -141,7 +162,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var r = 0u; r < NB; r++) {
                 var s = select(0.0, 1.0, r == dcol);
                 for (var q = 0u; q < r; q++) {
-                    s -= na[(r0 + r) * NS + r0 + q] * x[q];
+                    s -= na_at(r0 + r, r0 + q) * x[q];
                 }
                 x[r] = s;
             }
@@ -149,35 +170,33 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
         if (db < nb) {
             for (var r = 0u; r < NB; r++) {
-                na[(r0 + r) * NS + r0 + dcol] = x[r];
+                na[(r0 + r) * NS4 + (r0 + dcol) / 4u][dcol % 4u] = x[r];
             }
         }
         workgroupBarrier();
 
-        // 2. Block rows below the first; entry e of the row's p blocks: block q = e / NB², row i,
-        // column m (q is the same for all threads of one pass of the loop).
+        // 2. Block rows below the first. Thread lid < p NB²/4 takes row i, columns m4 .. m4 + 4 of
+        // block q: one scalar and one vec4 read per 4 FMAs. tb4[lid] holds the same entries' sums.
+        let q = lid / (NB * NB / 4u);
+        let i = (lid / (NB / 4u)) % NB;
+        let m4 = lid % (NB / 4u);
         for (var p = 1u; p < nb; p++) {
             let rp = p * NB;
-            for (var e = lid; e < p * NB * NB; e += WG) {
-                let q = e / (NB * NB);
-                let i = (e / NB) % NB;
-                let m = e % NB;
-                var s = 0.0;
+            let mine = lid < p * (NB * NB / 4u);
+            if (mine) {
+                var s = vec4<f32>(0.0);
                 for (var c = q * NB; c < rp; c++) {
-                    s += na[(rp + i) * NS + c] * na[c * NS + q * NB + m];
+                    s += na_at(rp + i, c) * na[c * NS4 + q * (NB / 4u) + m4];
                 }
-                tb[e] = s;
+                ks[lid] = s;
             }
             workgroupBarrier();
-            for (var e = lid; e < p * NB * NB; e += WG) {
-                let q = e / (NB * NB);
-                let i = (e / NB) % NB;
-                let m = e % NB;
-                var s = 0.0;
+            if (mine) {
+                var s = vec4<f32>(0.0);
                 for (var c = 0u; c <= i; c++) {
-                    s += na[(rp + i) * NS + rp + c] * tb[q * NB * NB + c * NB + m];
+                    s += na_at(rp + i, rp + c) * ks[q * (NB * NB / 4u) + c * (NB / 4u) + m4];
                 }
-                na[(rp + i) * NS + q * NB + m] = -s;
+                na[(rp + i) * NS4 + q * (NB / 4u) + m4] = -s;
             }
             workgroupBarrier();
         }
@@ -186,10 +205,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let ab4 = (lc * HV + hv) * CH * (CH / 4u);
         for (var e = lid; e < CH * q4; e += WG) {
             let i = e / q4;
-            let j = (e % q4) * 4u;
-            let o = i * NS + j;
-            let jv = vec4<u32>(j, j + 1u, j + 2u, j + 3u);
-            let val = vec4<f32>(na[o], na[o + 1u], na[o + 2u], na[o + 3u]);
+            let jv = vec4<u32>(0u, 1u, 2u, 3u) + (e % q4) * 4u;
+            let val = na[i * NS4 + e % q4];
             a[ab4 + e] = select(select(vec4<f32>(0.0), val, jv < vec4<u32>(i)), vec4<f32>(1.0), jv == vec4<u32>(i));
         }
         workgroupBarrier();
