@@ -471,22 +471,24 @@ fn compare_chunked(c: &Case, chunk: usize, seed: u64) -> f64 {
     eo.max(eh)
 }
 
-#[test]
-fn chunked_twin_equals_token_loop() {
-    let mut worst = 0.0f64;
-    let mut seed = 300;
+/// The chunked twins' cases, (case, chunk, seed) from `seed0`: T at chunk edges (T = 1 included), both
+/// spaces and layouts, h0 on and off, a scale; then packed sequences of lengths 17, 0, 1, 32, 40
+/// (crossing chunk edges everywhere), GQA 2, with and without a mask. `dht` on the backward's cases.
+fn twin_cases(seed0: u64, dht: bool) -> Vec<(Case, usize, u64)> {
+    let mut out = Vec::new();
+    let mut seed = seed0;
     for t in [1, 15, 16, 17, 40] {
         for chunk in [16, 32] {
             let mut c = Case::new(2, t, 1, 2, 32, 16);
-            c.space = if seed % 2 == 0 { GateSpace::Log } else { GateSpace::Linear };
-            c.layout = if seed % 3 == 0 { StateLayout::Vk } else { StateLayout::Kv };
+            c.space = if seed.is_multiple_of(2) { GateSpace::Log } else { GateSpace::Linear };
+            c.layout = if seed.is_multiple_of(3) { StateLayout::Vk } else { StateLayout::Kv };
             c.h0 = t != 16;
+            c.dht = dht && t != 15;
             c.scale = Some(0.6);
-            worst = worst.max(compare_chunked(&c, chunk, seed));
+            out.push((c, chunk, seed));
             seed += 1;
         }
     }
-    // Packed sequences of lengths 17, 0, 1, 32, 40 (crossing chunk edges everywhere), with and without a mask.
     for (chunk, mask, space) in [(16, false, GateSpace::Log), (32, true, GateSpace::Linear), (16, true, GateSpace::Log)]
     {
         let mut c = Case::new(1, 90, 2, 4, 16, 32);
@@ -494,10 +496,18 @@ fn chunked_twin_equals_token_loop() {
         c.space = space;
         c.layout = StateLayout::Vk;
         c.h0 = true;
+        c.dht = dht;
         c.mask = mask;
-        worst = worst.max(compare_chunked(&c, chunk, seed));
+        out.push((c, chunk, seed));
         seed += 1;
     }
+    out
+}
+
+#[test]
+fn chunked_twin_equals_token_loop() {
+    let worst =
+        twin_cases(300, false).iter().map(|(c, chunk, seed)| compare_chunked(c, *chunk, *seed)).fold(0.0, f64::max);
     println!("chunked twin: worst rel err {worst:.2e} (tolerance {TWIN_TOL:.0e})");
     assert!(worst <= TWIN_TOL, "chunked differs from the token loop by {worst:e}");
 }
@@ -531,32 +541,10 @@ fn compare_chunked_backward(c: &Case, chunk: usize, seed: u64) -> f64 {
 /// conventions, h0/dht, packed sequences (lengths 0 and 1 included), masks.
 #[test]
 fn chunked_backward_twin_equals_token_loop() {
-    let mut worst = 0.0f64;
-    let mut seed = 900;
-    for t in [1, 15, 16, 17, 40] {
-        for chunk in [16, 32] {
-            let mut c = Case::new(2, t, 1, 2, 32, 16);
-            c.space = if seed % 2 == 0 { GateSpace::Log } else { GateSpace::Linear };
-            c.layout = if seed % 3 == 0 { StateLayout::Vk } else { StateLayout::Kv };
-            c.h0 = t != 16;
-            c.dht = t != 15;
-            c.scale = Some(0.6);
-            worst = worst.max(compare_chunked_backward(&c, chunk, seed));
-            seed += 1;
-        }
-    }
-    for (chunk, mask, space) in [(16, false, GateSpace::Log), (32, true, GateSpace::Linear), (16, true, GateSpace::Log)]
-    {
-        let mut c = Case::new(1, 90, 2, 4, 16, 32);
-        c.cu = Some(vec![0, 17, 17, 18, 50, 90]);
-        c.space = space;
-        c.layout = StateLayout::Vk;
-        c.h0 = true;
-        c.dht = true;
-        c.mask = mask;
-        worst = worst.max(compare_chunked_backward(&c, chunk, seed));
-        seed += 1;
-    }
+    let worst = twin_cases(900, true)
+        .iter()
+        .map(|(c, chunk, seed)| compare_chunked_backward(c, *chunk, *seed))
+        .fold(0.0, f64::max);
     println!("chunked backward twin: worst rel err {worst:.2e} (tolerance {TWIN_TOL:.0e})");
     assert!(worst <= TWIN_TOL, "chunked backward differs from the token loop by {worst:e}");
 }

@@ -43,8 +43,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let j0 = (wid.x % tiles) * BV;
     let hk = hv / GROUP;
     if (lid == 0u) {
-        let b = P.seq_off + 3u * n;
-        seq_range = vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+        seq_range = seq_range_of(n);
     }
     let r = workgroupUniformLoad(&seq_range);
     if (r.x == r.y && r.z == 0u) {

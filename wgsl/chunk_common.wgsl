@@ -84,6 +84,21 @@ fn s_off(i: u32, j: u32) -> u32 {
     return select(i * V + j, j * K + i, LAYOUT_VK);
 }
 
+// (lo, hi, flag) of sequence n in this window (flag: first chunk, or for a
+// backward last chunk, in this window; see above).
+fn seq_range_of(n: u32) -> vec3<u32> {
+    let b = P.seq_off + 3u * n;
+    return vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+}
+
+// The 4x4 register-block product of the tiled passes: a (4 rows) x b (4 columns), accumulated into acc.
+fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
+    (*acc)[0] += a.x * b;
+    (*acc)[1] += a.y * b;
+    (*acc)[2] += a.z * b;
+    (*acc)[3] += a.w * b;
+}
+
 // Index of the local chunk of the workgroup on the y/z axes of the grid.
 fn local_chunk(wid: vec3<u32>) -> u32 {
     return wid.y + wid.z * P.wg_per_row;

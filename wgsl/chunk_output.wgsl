@@ -77,14 +77,6 @@ fn fetch_out(s0: u32, lid: u32, ch: vec3<u32>, hk: u32, sb: u32, vb: u32) -> Sli
     return f;
 }
 
-// a (4 rows) x b (4 columns), accumulated into acc.
-fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
-    (*acc)[0] += a.x * b;
-    (*acc)[1] += a.y * b;
-    (*acc)[2] += a.z * b;
-    (*acc)[3] += a.w * b;
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let lc = local_chunk(wid);

@@ -14,12 +14,6 @@
 
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
-// (lo, hi, first) of sequence n in this window (see chunk_common.wgsl).
-fn seq_range_of(n: u32) -> vec3<u32> {
-    let b = P.seq_off + 3u * n;
-    return vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
-}
-
 // The state the walk starts from at offset `at`: carried from the previous window, h0, or zero.
 fn start_state(at: u32, r: vec3<u32>) -> f32 {
     if (r.z == 0u) {

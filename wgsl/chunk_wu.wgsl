@@ -81,14 +81,6 @@ fn fetch(j0: u32, lid: u32, ch: vec3<u32>, hb: u32, is_w: bool, hk: u32, hv: u32
     return f;
 }
 
-// a (4 rows) x b (4 columns), accumulated into acc.
-fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
-    (*acc)[0] += a.x * b;
-    (*acc)[1] += a.y * b;
-    (*acc)[2] += a.z * b;
-    (*acc)[3] += a.w * b;
-}
-
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let lc = local_chunk(wid);

@@ -92,14 +92,14 @@ pub struct Grads {
     pub dh0: Option<Tensor>,
 }
 
-/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes on a device with `caps`:
+/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes (on any device):
 /// only in deterministic mode with a scalar gate (and no per-key gate or `Settings::accum` forcing
 /// otherwise). Its passes use no atomics, so it is bitwise repeatable with scratch bounded by the
 /// window budget, while the recurrent kernel's deterministic partial sums grow with T (B=1 T=4096,
 /// HV=32, K=V=128: 8.6 GB, refused). With atomics the recurrent backward is faster at every shape
 /// measured on the H100 (docs/PERF.md, run R20: bf16 B=1 T=4096 21.3 against 37.4 ms for forward +
 /// backward; B=1..16, T=256..4096 all 1.7-1.9x), so Auto keeps it there.
-pub fn auto_chunked_backward(p: &Problem, _caps: &crate::device::Caps) -> bool {
+pub fn auto_chunked_backward(p: &Problem) -> bool {
     p.deterministic && super::chunked_unsupported(p).is_none()
 }
 
@@ -175,9 +175,9 @@ impl Engine {
                 Plan::Chunked { chunk } => Ok(Some(chunk)),
                 Plan::Recurrent => Ok(None),
             },
-            Algorithm::Auto => Ok((auto_chunked_backward(p, &self.gpu.caps)
-                && saved.every == super::AUTO_CHUNK as usize)
-                .then_some(super::AUTO_CHUNK)),
+            Algorithm::Auto => {
+                Ok((auto_chunked_backward(p) && saved.every == super::AUTO_CHUNK as usize).then_some(super::AUTO_CHUNK))
+            }
         }
     }
 

@@ -17,20 +17,101 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::PassGraph;
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, Window, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
 use crate::problem::Problem;
 use crate::tensor::padded;
 
-const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
+pub(crate) const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
 /// Intermediates may be copied out (stage tests; a backward keeping what the forward saved).
 const SAVED: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC);
 
 /// Splits `n` workgroups over the grid's y and z axes: (y extent, z extent).
-fn split(n: usize, max: u32) -> (u32, u32) {
+pub(crate) fn split(n: usize, max: u32) -> (u32, u32) {
     let y = (n as u32).clamp(1, max);
     (y, (n as u32).div_ceil(y).max(1))
+}
+
+/// The chunked passes' workgroup memory, checked before any GPU work.
+pub(crate) fn check_workgroup_memory(caps: &crate::device::Caps) -> Result<()> {
+    if caps.max_workgroup_storage < WORKGROUP_BYTES {
+        return Err(Error::MissingFeature(format!(
+            "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
+            caps.max_workgroup_storage
+        )));
+    }
+    Ok(())
+}
+
+/// The chunk table of every window of one call (layout in `wgsl/chunk_common.wgsl`), then the mask
+/// bytes. For a backward, each sequence's third word flags the window holding its *last* chunk (an
+/// empty sequence: the window walked first, the last), and each window's chunks carry their block
+/// index in their sequence.
+pub(crate) struct ChunkTable {
+    words: Vec<u32>,
+    /// Per window: chunk_off, seq_off, blk_off.
+    offs: Vec<[u32; 3]>,
+    mask_off: u32,
+}
+
+impl ChunkTable {
+    pub(crate) fn new(p: &Problem, wins: &[Window], chunk: u32, backward: bool) -> ChunkTable {
+        let mut last_win = vec![wins.len().saturating_sub(1); p.n_seqs()];
+        for (wi, w) in wins.iter().enumerate() {
+            for ch in &w.chunks {
+                last_win[ch[2] as usize] = wi;
+            }
+        }
+        let mut words: Vec<u32> = Vec::new();
+        let mut offs = Vec::with_capacity(wins.len());
+        for (wi, w) in wins.iter().enumerate() {
+            let chunk_off = words.len() as u32;
+            words.extend(w.chunks.iter().flatten());
+            let seq_off = words.len() as u32;
+            for (s, r) in w.seqs.iter().enumerate() {
+                let flag = if backward { u32::from(last_win[s] == wi) } else { r[2] };
+                words.extend([r[0], r[1], flag]);
+            }
+            let blk_off = words.len() as u32;
+            if backward {
+                words.extend(w.chunks.iter().map(|ch| (ch[0] - p.seqs.offsets[ch[2] as usize]) / chunk));
+            }
+            offs.push([chunk_off, seq_off, blk_off]);
+        }
+        let mask_off = words.len() as u32;
+        ChunkTable { words, offs, mask_off }
+    }
+
+    /// Uploads the table and copies the mask bytes after it on the device.
+    pub(crate) fn record(&self, graph: &mut PassGraph, mask: Option<&crate::tensor::Tensor>) -> Result<wgpu::Buffer> {
+        let mask_bytes = mask.map(|m| padded(m.byte_len())).unwrap_or(0);
+        let mut words = self.words.clone();
+        words.resize(words.len() + (mask_bytes / 4) as usize, 0);
+        let info = graph.scratch_with("wgdelta.chunk.table", bytemuck::cast_slice(&words), STORAGE)?;
+        if let Some(m) = mask {
+            graph.copy(&m.buffer, 0, &info, self.mask_off as u64 * 4, mask_bytes);
+        }
+        Ok(info)
+    }
+
+    /// The uniform parameters of window `wi` (blocks per sequence and head `n_blocks` left 0: a
+    /// backward sets it).
+    pub(crate) fn params(&self, wi: usize, p: &Problem, wg_per_row: u32) -> Params {
+        let [chunk_off, seq_off, blk_off] = self.offs[wi];
+        Params {
+            n_local: (seq_off - chunk_off) / 3, // three words per chunk
+            chunk_off,
+            seq_off,
+            mask_off: self.mask_off,
+            n_seqs: p.n_seqs() as u32,
+            wg_per_row,
+            scale: p.scale,
+            blk_off,
+            n_blocks: 0,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Forward by the chunked passes with chunks of `chunk` tokens: `o`, and `ht` when asked.
@@ -71,12 +152,7 @@ fn record(
     let mut spec = ChunkSpec::choose(chunk, d.k, d.v);
     spec.mma = spec.mma_for(p, caps);
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
-    if caps.max_workgroup_storage < WORKGROUP_BYTES {
-        return Err(Error::MissingFeature(format!(
-            "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
-            caps.max_workgroup_storage
-        )));
-    }
+    check_workgroup_memory(caps)?;
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
     // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
@@ -87,23 +163,8 @@ fn record(
     let wins = windows(p, c, max_local);
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
 
-    // One chunk table for all windows, then the mask bytes (copied on the device).
-    let mut words: Vec<u32> = Vec::new();
-    let mut offs = Vec::with_capacity(wins.len());
-    for w in &wins {
-        let chunk_off = words.len() as u32;
-        words.extend(w.chunks.iter().flatten());
-        let seq_off = words.len() as u32;
-        words.extend(w.seqs.iter().flatten());
-        offs.push((chunk_off, seq_off));
-    }
-    let mask_off = words.len() as u32;
-    let mask_bytes = x.mask.map(|m| padded(m.byte_len())).unwrap_or(0);
-    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
-    let info = graph.scratch_with("wgdelta.chunk.table", bytemuck::cast_slice(&words), STORAGE)?;
-    if let Some(m) = x.mask {
-        graph.copy(&m.buffer, 0, &info, mask_off as u64 * 4, mask_bytes);
-    }
+    let table = ChunkTable::new(p, &wins, chunk, false);
+    let info = table.record(graph, x.mask)?;
 
     let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h, b_wk16] = scratch_per_chunk(p, c, packed).map(|b| b * l);
     let sizes = [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h];
@@ -131,22 +192,10 @@ fn record(
     let max = caps.max_workgroups_per_dim;
     let (hv, kv) = (d.hv as u32, (d.k + d.v) as u32);
     for (w_i, win) in wins.iter().enumerate() {
-        let (chunk_off, seq_off) = offs[w_i];
         let nl = win.chunks.len();
         let (cy, cz) = split(nl, max);
         let (sy, sz) = split(n, max);
-        let params = |wg_per_row| Params {
-            n_local: nl as u32,
-            chunk_off,
-            seq_off,
-            mask_off,
-            n_seqs: n as u32,
-            wg_per_row,
-            scale: p.scale,
-            blk_off: 0,
-            n_blocks: 0,
-            _pad: [0; 3],
-        };
+        let params = |wg_per_row| table.params(w_i, p, wg_per_row);
         let pc =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), wgpu::BufferUsages::UNIFORM)?;
         let ps =

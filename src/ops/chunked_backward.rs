@@ -10,24 +10,14 @@
 //! whatever [`crate::Accum`] is configured.
 
 use super::backward::{Grads, Saved};
-use super::chunked::record_chunk_passes;
+use super::chunked::{check_workgroup_memory, record_chunk_passes, split, ChunkTable, STORAGE};
 use super::Inputs;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::kernels::chunked::{
-    bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES, WORKGROUP_BYTES,
-};
+use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES};
 use crate::kernels::Kernel;
 use crate::problem::Problem;
-use crate::tensor::{padded, Tensor};
-
-const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE;
-
-/// Splits `n` workgroups over the grid's y and z axes: (y extent, z extent).
-fn split(n: usize, max: u32) -> (u32, u32) {
-    let y = (n as u32).clamp(1, max);
-    (y, (n as u32).div_ceil(y).max(1))
-}
+use crate::tensor::Tensor;
 
 /// Gradients of `p` (validated with its upstream gradients) by the chunked passes with chunks of
 /// `chunk` tokens; `saved` holds states every `chunk` tokens.
@@ -50,12 +40,7 @@ pub(crate) fn backward(
             saved.every()
         )));
     }
-    if caps.max_workgroup_storage < WORKGROUP_BYTES {
-        return Err(Error::MissingFeature(format!(
-            "{WORKGROUP_BYTES} bytes of workgroup memory for the chunked passes (max_compute_workgroup_storage_size = {})",
-            caps.max_workgroup_storage
-        )));
-    }
+    check_workgroup_memory(caps)?;
     let spec = ChunkSpec::choose(chunk, d.k, d.v);
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
     let per = bwd_scratch_per_chunk(p, c);
@@ -65,30 +50,8 @@ pub(crate) fn backward(
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
 
     // The window holding each sequence's last chunk starts its walk from dht; an empty sequence
-    // takes dht (or 0) straight to dh0, in the window walked first.
-    let mut last_win = vec![wins.len() - 1; n];
-    for (wi, w) in wins.iter().enumerate() {
-        for ch in &w.chunks {
-            last_win[ch[2] as usize] = wi;
-        }
-    }
-    // One chunk table for all windows: chunks, sequences (lo, hi, last), blocks; then the mask.
-    let mut words: Vec<u32> = Vec::new();
-    let mut offs = Vec::with_capacity(wins.len());
-    for (wi, w) in wins.iter().enumerate() {
-        let chunk_off = words.len() as u32;
-        words.extend(w.chunks.iter().flatten());
-        let seq_off = words.len() as u32;
-        for (s, r) in w.seqs.iter().enumerate() {
-            words.extend([r[0], r[1], u32::from(last_win[s] == wi)]);
-        }
-        let blk_off = words.len() as u32;
-        words.extend(w.chunks.iter().map(|ch| (ch[0] - p.seqs.offsets[ch[2] as usize]) / chunk));
-        offs.push((chunk_off, seq_off, blk_off));
-    }
-    let mask_off = words.len() as u32;
-    let mask_bytes = saved.mask().map(|m| padded(m.byte_len())).unwrap_or(0);
-    words.resize(words.len() + (mask_bytes / 4) as usize, 0);
+    // takes dht (or 0) straight to dh0, in the window walked first (ChunkTable, backward).
+    let table = ChunkTable::new(p, &wins, chunk, true);
 
     let dq = eng.output("dq", &[d.b, d.t, d.h, d.k])?;
     let dk = eng.output("dk", &[d.b, d.t, d.h, d.k])?;
@@ -98,10 +61,7 @@ pub(crate) fn backward(
     let dh0 = if p.has_h0 { Some(eng.output("dh0", &p.state_shape())?) } else { None };
 
     let mut graph = eng.graph();
-    let info = graph.scratch_with("wgdelta.chunk.table", bytemuck::cast_slice(&words), STORAGE)?;
-    if let Some(m) = saved.mask() {
-        graph.copy(&m.buffer, 0, &info, mask_off as u64 * 4, mask_bytes);
-    }
+    let info = table.record(&mut graph, saved.mask())?;
     const NAMES: [&str; 13] = [
         "wgdelta.chunk.gc",
         "wgdelta.chunk.beta",
@@ -135,22 +95,10 @@ pub(crate) fn backward(
     let max = caps.max_workgroups_per_dim;
     let (hv, kv) = (d.hv as u32, (d.k + d.v) as u32);
     for (wi, win) in wins.iter().enumerate().rev() {
-        let (chunk_off, seq_off, blk_off) = offs[wi];
         let nl = win.chunks.len();
         let (cy, cz) = split(nl, max);
         let (sy, sz) = split(n, max);
-        let params = |wg_per_row| Params {
-            n_local: nl as u32,
-            chunk_off,
-            seq_off,
-            mask_off,
-            n_seqs: n as u32,
-            wg_per_row,
-            scale: p.scale,
-            blk_off,
-            n_blocks,
-            _pad: [0; 3],
-        };
+        let params = |wg_per_row| Params { n_blocks, ..table.params(wi, p, wg_per_row) };
         let uniform = wgpu::BufferUsages::UNIFORM;
         let pc = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), uniform)?;
         let ps = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), uniform)?;

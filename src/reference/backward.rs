@@ -22,14 +22,7 @@ pub fn backward(p: &Problem, x: &RefInputs, d_o: &[f64], dht: Option<&[f64]>) ->
     let (kd, vd) = (d.k, d.v);
     let kv = kd * vd;
     let scale = f64::from(p.scale);
-    let mut gr = RefGrads {
-        dq: vec![0.0; super::qk_len(p)],
-        dk: vec![0.0; super::qk_len(p)],
-        dv: vec![0.0; super::v_len(p)],
-        dg: vec![0.0; super::g_len(p)],
-        dbeta: vec![0.0; super::beta_len(p)],
-        dh0: p.has_h0.then(|| vec![0.0; super::state_len(p)]),
-    };
+    let mut gr = RefGrads::zeros(p);
     let (mut dec, mut e) = (vec![0.0; kd], vec![0.0; vd]);
     // Per-step scratch: S' (decayed previous state), S_t, dS' and the two V-vectors k^T dS and dL/de.
     let (mut sp, mut st, mut dsp) = (vec![0.0; kv], vec![0.0; kv], vec![0.0; kv]);

@@ -25,7 +25,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::chunked::{chunk_fwd_h, chunk_local_cumsum, chunk_spans, recompute_w_u, scaled_dot_kkt, solve_tril};
-use super::{load_state, qk_at, rh_at, state_len, store_state, v_at, RefGrads, RefInputs};
+use super::{load_state, qk_at, rh_at, store_state, v_at, RefGrads, RefInputs};
 use crate::error::{Error, Result};
 use crate::problem::{GateKind, GateSpace, Problem};
 
@@ -63,14 +63,7 @@ pub fn backward(p: &Problem, x: &RefInputs, d_o: &[f64], dht: Option<&[f64]>, ch
     let kv = kd * vd;
     let scale = f64::from(p.scale);
     let spans = chunk_spans(p, chunk);
-    let mut gr = RefGrads {
-        dq: vec![0.0; super::qk_len(p)],
-        dk: vec![0.0; super::qk_len(p)],
-        dv: vec![0.0; super::v_len(p)],
-        dg: vec![0.0; super::g_len(p)],
-        dbeta: vec![0.0; super::beta_len(p)],
-        dh0: p.has_h0.then(|| vec![0.0; state_len(p)]),
-    };
+    let mut gr = RefGrads::zeros(p);
     let q_of = |r: usize, hk: usize| &x.q[qk_at(p, r, hk)..][..kd];
     let k_of = |r: usize, hk: usize| &x.k[qk_at(p, r, hk)..][..kd];
     let g_at = |r: usize, hv: usize| gc[rh_at(p, r, hv)];

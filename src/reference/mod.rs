@@ -52,6 +52,20 @@ pub struct RefGrads {
     pub dh0: Option<Vec<f64>>,
 }
 
+impl RefGrads {
+    /// All-zero gradients in the shapes of `p`'s inputs (`dh0` iff `p.has_h0`).
+    pub fn zeros(p: &Problem) -> RefGrads {
+        RefGrads {
+            dq: vec![0.0; qk_len(p)],
+            dk: vec![0.0; qk_len(p)],
+            dv: vec![0.0; v_len(p)],
+            dg: vec![0.0; g_len(p)],
+            dbeta: vec![0.0; beta_len(p)],
+            dh0: p.has_h0.then(|| vec![0.0; state_len(p)]),
+        }
+    }
+}
+
 /// Elements of `q` (and `k`): `B*T*H*K`.
 pub fn qk_len(p: &Problem) -> usize {
     p.dims.rows() * p.dims.h * p.dims.k
