@@ -460,7 +460,7 @@ fn chunked_gradients_with_cu_seqlens_mask_and_options() {
         check_backward(e, &bcase(chunked(mlx(c), chunk), dht));
     }
     // Larger head dims, bf16 upstream gradients, a mask over padded batches.
-    for (k, v, chunk) in [(64, 64, 64), (128, 64, 32), (128, 128, 64), (16, 48, 16)] {
+    for (k, v, chunk) in [(64, 64, 64), (128, 64, 32), (128, 128, 64), (16, 48, 16), (256, 256, 64), (192, 80, 32)] {
         let mut c = Case::new(2, 70, 1, 2, k, v);
         c.h0 = true;
         c.mask = true;
