@@ -5,8 +5,14 @@
 //     dvn_j   = sum_{i >= j} P_ij do_i         P_ij = scale exp(gc_i - gc_j) q_i . k_j
 // Outputs vn, dvn [L, HV, C, V] (rows >= len 0); chunk_bwd_state adds the walk's term to dvn.
 //
-// Grid: (HV, local chunks on y/z). P (C x C) is built in workgroup memory (one K-long dot product
-// per entry), then thread e computes element (i, c) of both outputs.
+// Grid: (HV, local chunks on y/z).
+// Tiling as chunk_output.wgsl: P = Q K^T (C x C) first, each thread owning a 4x4 block in registers
+// (K-slices of q and k staged transposed in workgroup memory, one slice ahead), kept in workgroup
+// memory row by row (vec4 over columns: a row of P is a row of the transposed left operand P^T).
+// Then, per tile of BVO value columns, one product over K + C terms into two 4x4 register blocks:
+//     vn[:, tile]  = u - W h[:, tile]         (terms < K: w and rows of h)
+//     dvn[:, tile] = P^T do[:, tile]          (terms >= K: rows of P and of do)
+// in slices of BS terms, staged like the first product and fetched one slice ahead.
 
 @group(0) @binding(2) var<storage, read> q: array<u32>;
 @group(0) @binding(3) var<storage, read> k: array<u32>;
@@ -18,12 +24,62 @@
 @group(0) @binding(9) var<storage, read_write> vn: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dvn: array<f32>;
 
-var<workgroup> pm: array<f32, TILE>;   // P[i][j] at i * C + j (0 above the diagonal and past len)
-var<workgroup> gcs: array<f32, 64>;
+const BS: u32 = 16u;   // contraction slice
+const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BVO / 4 <= 16, plus one
+
+var<workgroup> lq: array<vec4<f32>, 272>;   // left slice, [kk][i / 4] at kk * CP + i / 4
+var<workgroup> rk: array<vec4<f32>, 272>;   // right slice, [kk][c / 4]
+var<workgroup> pm: array<vec4<f32>, 1088>;  // P, [i][j / 4] at i * CP + j / 4
+var<workgroup> gcs: array<f32, 64>;         // gc of the chunk's rows (0 past its end)
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_of(DO_DT, i)], i), live(row)); }
+
+// A thread's share of one slice: up to 4 left values (C x BS / WG) and 4 right values
+// (C x BS / WG for k, BS x BVO / WG for h or do).
+struct Slice {
+    l: array<f32, 4>,
+    r: array<f32, 4>,
+}
+
+// Slice m0 of q and k for P = Q K^T (rows past the chunk's end 0).
+fn fetch_qk(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> Slice {
+    var f: Slice;
+    for (var x = 0u; x < CH * BS / WG; x++) {
+        let e = lid + WG * x;
+        let i = e / BS;
+        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + e % BS;
+        f.l[x] = select(0.0, ld_q(at), i < ch.y);
+        f.r[x] = select(0.0, ld_k(at), i < ch.y);
+    }
+    return f;
+}
+
+// Slice s0 of [W | P^T] [h ; do] for value columns c0 .. c0 + BVO: below K, w and rows of h;
+// past K, rows of do (the left side is P, already in workgroup memory).
+fn fetch_out(s0: u32, lid: u32, ch: vec3<u32>, hb: u32, hs: u32, hv: u32, c0: u32) -> Slice {
+    var f: Slice;
+    if (s0 < K) {
+        for (var x = 0u; x < CH * BS / WG; x++) {
+            let e = lid + WG * x;
+            let i = e / BS;
+            f.l[x] = select(0.0, w[(hb + min(i, ch.y - 1u)) * K + s0 + e % BS], i < ch.y);
+        }
+        for (var x = 0u; x < BS * BVO / WG; x++) {
+            let e = lid + WG * x;
+            f.r[x] = ck[hs + (s0 + e / BVO) * V + c0 + e % BVO];
+        }
+    } else {
+        for (var x = 0u; x < BS * BVO / WG; x++) {
+            let e = lid + WG * x;
+            let i = s0 - K + e / BVO;
+            let row = ch.x + min(i, ch.y - 1u);
+            f.r[x] = select(0.0, ld_do((row * HV + hv) * V + c0 + e % BVO, row), i < ch.y);
+        }
+    }
+    return f;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -38,38 +94,95 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (lid < CH) {
         gcs[lid] = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
     }
-    workgroupBarrier();
-    for (var e = lid; e < CH * CH; e += WG) {
-        let i = e / CH;
-        let j = e % CH;
-        var acc = 0.0;
-        if (j <= i && i < ch.y) {
-            let qa = ((ch.x + i) * H + hk) * K;
-            let ka = ((ch.x + j) * H + hk) * K;
-            for (var m = 0u; m < K; m++) {
-                acc += ld_q(qa + m) * ld_k(ka + m);
-            }
-            acc *= P.scale * exp(gcs[i] - gcs[j]);
+
+    // P = Q K^T: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4.
+    let q4 = CH / 4u;
+    let ti = lid / q4;
+    let tj = lid % q4;
+    var pacc: array<vec4<f32>, 4>;
+    var nx = fetch_qk(0u, lid, ch, hk);
+    for (var m0 = 0u; m0 < K; m0 += BS) {
+        workgroupBarrier();
+        for (var x = 0u; x < CH * BS / WG; x++) {
+            let e = lid + WG * x;
+            let i = e / BS;
+            let kk = e % BS;
+            lq[kk * CP + i / 4u][i % 4u] = nx.l[x];
+            rk[kk * CP + i / 4u][i % 4u] = nx.r[x];
         }
-        pm[e] = acc;
+        workgroupBarrier();
+        if (m0 + BS < K) {
+            nx = fetch_qk(m0 + BS, lid, ch, hk);
+        }
+        if (ti < q4) {
+            for (var kk = 0u; kk < BS; kk++) {
+                outer4(&pacc, lq[kk * CP + ti], rk[kk * CP + tj]);
+            }
+        }
     }
-    workgroupBarrier();
-    let hs = ck_base(lc, ch.z, hv);
-    for (var e = lid; e < CH * V; e += WG) {
-        let i = e / V;
-        let c = e % V;
-        var x = 0.0;
-        var d = 0.0;
-        if (i < ch.y) {
-            x = u[(hb + i) * V + c];
-            for (var m = 0u; m < K; m++) {
-                x -= w[(hb + i) * K + m] * ck[hs + m * V + c];
+    if (ti < q4) {
+        for (var a = 0u; a < 4u; a++) {
+            let i = ti * 4u + a;
+            var row = vec4<f32>(0.0);
+            for (var b = 0u; b < 4u; b++) {
+                let j = tj * 4u + b;
+                if (j <= i && i < ch.y) {
+                    row[b] = P.scale * pacc[a][b] * exp(gcs[i] - gcs[j]);
+                }
             }
-            for (var r = i; r < ch.y; r++) {
-                d += pm[r * CH + i] * ld_do(((ch.x + r) * HV + hv) * V + c, ch.x + r);
+            pm[i * CP + tj] = row;
+        }
+    }
+
+    // Output tiles: thread (tr, tc) owns rows tr*4 .. +4, columns tc*4 .. +4 of vn and dvn.
+    let tc = lid % (BVO / 4u);
+    let tr = lid / (BVO / 4u);
+    let in_tile = tr < q4;
+    let hs = ck_base(lc, ch.z, hv);
+    for (var c0 = 0u; c0 < V; c0 += BVO) {
+        var vacc: array<vec4<f32>, 4>;
+        var dacc: array<vec4<f32>, 4>;
+        var ny = fetch_out(0u, lid, ch, hb, hs, hv, c0);
+        for (var s0 = 0u; s0 < K + CH; s0 += BS) {
+            workgroupBarrier();
+            if (s0 < K) {
+                for (var x = 0u; x < CH * BS / WG; x++) {
+                    let e = lid + WG * x;
+                    let i = e / BS;
+                    lq[(e % BS) * CP + i / 4u][i % 4u] = ny.l[x];
+                }
+            }
+            for (var x = 0u; x < BS * BVO / WG; x++) {
+                let e = lid + WG * x;
+                let c = e % BVO;
+                rk[(e / BVO) * CP + c / 4u][c % 4u] = ny.r[x];
+            }
+            workgroupBarrier();
+            if (s0 + BS < K + CH) {
+                ny = fetch_out(s0 + BS, lid, ch, hb, hs, hv, c0);
+            }
+            if (in_tile) {
+                if (s0 < K) {
+                    for (var kk = 0u; kk < BS; kk++) {
+                        outer4(&vacc, lq[kk * CP + tr], rk[kk * CP + tc]);
+                    }
+                } else {
+                    for (var kk = 0u; kk < BS; kk++) {
+                        outer4(&dacc, pm[(s0 - K + kk) * CP + tr], rk[kk * CP + tc]);
+                    }
+                }
             }
         }
-        vn[(hb + i) * V + c] = x;
-        dvn[(hb + i) * V + c] = d;
+        if (in_tile) {
+            for (var a = 0u; a < 4u; a++) {
+                let i = tr * 4u + a;
+                let at = (hb + i) * V + c0 + tc * 4u;
+                for (var cc = 0u; cc < 4u; cc++) {
+                    let ok = i < ch.y;
+                    vn[at + cc] = select(0.0, u[at + cc] - vacc[a][cc], ok);
+                    dvn[at + cc] = select(0.0, dacc[a][cc], ok);
+                }
+            }
+        }
     }
 }

@@ -4,12 +4,20 @@
 // current chunk) starts from dht[n] (or 0, or the value carried from the window after this one) and
 // for each of the sequence's chunks in this window, last to first:
 //     dh[lc] = dS                                              (chunk_bwd_dqkwg reads it)
-//     dvn_i += exp(gc_last - gc_i) k_i dS                      rows i < len
-//     dS     = exp(gc_last) dS + sum_i (scale exp(gc_i) q_i) do_i^T - w_i^T dvn_i
+//     dvn_i += exp(gc_last - gc_i) k_i dS                      rows i < len          [C x V]
+//     dS     = exp(gc_last) dS + sum_i (scale exp(gc_i) q_i) do_i^T - w_i^T dvn_i    [K x V]
 // and at the end dS is written to `carry` in the call's layout (dh0 when the call has h0): the
 // gradient of the state at the start of the window's first chunk.
+//
 // Grid: (HV * V / BV, sequences on y/z): sequential over chunks, parallel over sequences, heads and
-// tiles of BV value columns; the K x BV tile of dS lives in workgroup memory.
+// tiles of BV value columns. The K x BV tile of dS and the chunk's do and dvn tiles (C x BV each)
+// live in workgroup memory; the chunk's k, q and w go through one staging array `stg` in slices
+// (coalesced global reads, bf16/f16 decoded once, each slice's reads issued one slice ahead into
+// registers), so the inner loops read only workgroup memory and registers:
+//   dvn: thread (row i, column group) accumulates 4 columns of row i over K, KS columns of k at a time;
+//   dS:  thread (row group, column group) owns RM rows x 4 columns of dS in registers and sums over
+//        the chunk's rows, IS rows of q (pre-scaled) and of w at a time.
+// The three arrays fill WORKGROUP_BYTES exactly (src/kernels/chunked.rs).
 
 @group(0) @binding(2) var<storage, read> q: array<u32>;
 @group(0) @binding(3) var<storage, read> k: array<u32>;
@@ -21,16 +29,55 @@
 @group(0) @binding(9) var<storage, read_write> dh: array<f32>;
 @group(0) @binding(10) var<storage, read_write> carry: array<f32>;
 
-var<workgroup> ds: array<f32, TILE>;     // dS[m][c] at m * BV + c (K * BV <= TILE, host-checked)
-var<workgroup> dvt: array<f32, 1024>;    // the chunk's dvn[i][c] at i * BV + c (C * BV <= 1024)
-var<workgroup> dos: array<f32, 1024>;    // the chunk's do[i][c] likewise
-var<workgroup> gcs: array<f32, 64>;
-var<workgroup> qf: array<f32, 64>;       // scale exp(gc_i), the chunk's query factors
+const KS: u32 = 16u;                          // k slice: C rows x KS columns, row stride KS + 1
+const STG: u32 = 1088u;                       // staging floats: C * (KS + 1), and 2 * IS * K
+override IS: u32 = min(CH, 544u / K);         // q/w slice rows (K <= 256: at least 2)
+override NKX: u32 = CH * KS / WG;             // k elements per thread per slice (C / 16: 1..4)
+override NQS: u32 = (CH + IS - 1u) / IS;      // q/w slices (the last may be partial)
+override NQX: u32 = (2u * IS * K + WG - 1u) / WG; // q/w elements per thread per slice (<= 5)
+override BV4: u32 = BV / 4u;                  // column groups of 4
+
+var<workgroup> ds: array<vec4<f32>, TILE / 4u>; // dS[m, c] at [m * BV4 + c / 4][c % 4]
+var<workgroup> rt: array<vec4<f32>, 512u>;      // do rows, then dvn rows: [i * BV4 + c / 4] (2 C BV <= 2048)
+var<workgroup> stg: array<f32, STG>;
 var<workgroup> seq_range: vec3<u32>;
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_of(DO_DT, i)], i), live(row)); }
+
+// This thread's share of k slice `sl` (C x KS, rows past len 0).
+fn fetch_k(sl: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 4> {
+    var f: array<f32, 4>;
+    for (var x = 0u; x < NKX; x++) {
+        let e = lid + WG * x;
+        let i = e / KS;
+        f[x] = select(0.0, ld_k(((ch.x + min(i, ch.y - 1u)) * H + hk) * K + sl * KS + e % KS), i < ch.y);
+    }
+    return f;
+}
+
+// This thread's share of q/w slice `sl`: rows i0 .. i0 + IS of scale exp(gc) q, then of w (rows
+// past len 0), at [ii * K + m] and [(IS + ii) * K + m].
+fn fetch_qw(sl: u32, lid: u32, ch: vec3<u32>, hk: u32, hb: u32) -> array<f32, 5> {
+    var f: array<f32, 5>;
+    for (var x = 0u; x < NQX; x++) {
+        let e = lid + WG * x;
+        let half = e / (IS * K);
+        let i = sl * IS + (e % (IS * K)) / K;
+        let m = e % K;
+        let ok = e < 2u * IS * K && i < ch.y;
+        let ic = min(i, ch.y - 1u);
+        var val = 0.0;
+        if (half == 0u) {
+            val = P.scale * exp(gc[hb + ic]) * ld_q(((ch.x + ic) * H + hk) * K + m);
+        } else {
+            val = w[(hb + ic) * K + m];
+        }
+        f[x] = select(0.0, val, ok);
+    }
+    return f;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -58,58 +105,103 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         } else if (HAS_DHT) {
             x = decode(DHT_DT, dht[word_of(DHT_DT, at)], at);
         }
-        ds[e] = x;
+        ds[e / 4u][e % 4u] = x;
     }
+
+    let cg = lid % BV4;
+    let vi = lid / BV4;                  // dvn row (rows >= C idle); also the dS update's row group
+    let rm = (K * BV4 + WG - 1u) / WG;   // dS rows per thread: ceil(K / (WG / BV4)) <= 4
+    let kmax = K - 1u;
     for (var t = r.y; t > r.x; t--) {
         let lc = t - 1u;
-        workgroupBarrier(); // dS (and dvt, dos, gcs) of the previous step are complete
+        workgroupBarrier(); // dS (and rt, stg) of the previous step are complete
         let ch = chunk_at(lc);
         let hb = (lc * HV + hv) * CH;
-        if (lid < CH) {
-            let x = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
-            gcs[lid] = x;
-            qf[lid] = P.scale * exp(x);
-        }
+        let gl = gc[hb + ch.y - 1u];
         let dhb = (lc * HV + hv) * K * V + j0;
         for (var e = lid; e < K * BV; e += WG) {
-            dh[dhb + (e / BV) * V + e % BV] = ds[e];
+            dh[dhb + (e / BV) * V + e % BV] = ds[e / 4u][e % 4u];
         }
-        workgroupBarrier();
-        let gl = gcs[ch.y - 1u];
-        for (var e = lid; e < CH * BV; e += WG) {
-            let i = e / BV;
-            let c = e % BV;
-            var x = 0.0;
-            var d = 0.0;
-            if (i < ch.y) {
-                let ka = ((ch.x + i) * H + hk) * K;
-                var acc = 0.0;
-                for (var m = 0u; m < K; m++) {
-                    acc += ld_k(ka + m) * ds[m * BV + c];
+
+        // dvn += exp(gc_last - gc) ∘ (K dS), k staged KS columns at a time.
+        var acc = vec4<f32>(0.0);
+        var nk = fetch_k(0u, lid, ch, hk);
+        for (var sl = 0u; sl < K / KS; sl++) {
+            workgroupBarrier();
+            for (var x = 0u; x < NKX; x++) {
+                let e = lid + WG * x;
+                stg[(e / KS) * (KS + 1u) + e % KS] = nk[x];
+            }
+            workgroupBarrier();
+            if (sl + 1u < K / KS) {
+                nk = fetch_k(sl + 1u, lid, ch, hk);
+            }
+            if (vi < CH) {
+                let m0 = sl * KS;
+                for (var mm = 0u; mm < KS; mm++) {
+                    acc += stg[vi * (KS + 1u) + mm] * ds[(m0 + mm) * BV4 + cg];
                 }
-                let at = (hb + i) * V + j0 + c;
-                x = dvn[at] + exp(gl - gcs[i]) * acc;
-                dvn[at] = x;
-                d = ld_do(((ch.x + i) * HV + hv) * V + j0 + c, ch.x + i);
             }
-            dvt[e] = x;
-            dos[e] = d;
         }
-        workgroupBarrier();
-        let dl = exp(gl);
-        for (var e = lid; e < K * BV; e += WG) {
-            let m = e / BV;
-            let c = e % BV;
-            var acc = dl * ds[e];
-            for (var i = 0u; i < ch.y; i++) {
-                let qg = qf[i] * ld_q(((ch.x + i) * H + hk) * K + m);
-                acc += qg * dos[i * BV + c] - w[(hb + i) * K + m] * dvt[i * BV + c];
+        if (vi < CH) {
+            var x = vec4<f32>(0.0);
+            var d = vec4<f32>(0.0);
+            if (vi < ch.y) {
+                let at = (hb + vi) * V + j0 + cg * 4u;
+                let da = ((ch.x + vi) * HV + hv) * V + j0 + cg * 4u;
+                let f = exp(gl - gc[hb + vi]);
+                for (var cc = 0u; cc < 4u; cc++) {
+                    x[cc] = dvn[at + cc] + f * acc[cc];
+                    dvn[at + cc] = x[cc];
+                    d[cc] = ld_do(da + cc, ch.x + vi);
+                }
             }
-            ds[e] = acc; // each thread reads only its own entries of dS here
+            rt[vi * BV4 + cg] = d;
+            rt[(CH + vi) * BV4 + cg] = x;
+        }
+
+        // dS = exp(gc_last) dS + (scale exp(gc) ∘ Q)^T do - W^T dvn, IS rows of q and w at a time.
+        var sacc: array<vec4<f32>, 4>;
+        let dl = exp(gl);
+        for (var x = 0u; x < rm; x++) {
+            sacc[x] = dl * ds[min(vi * rm + x, kmax) * BV4 + cg];
+        }
+        var nq = fetch_qw(0u, lid, ch, hk, hb);
+        for (var sl = 0u; sl < NQS; sl++) {
+            workgroupBarrier();
+            for (var x = 0u; x < NQX; x++) {
+                let e = lid + WG * x;
+                if (e < 2u * IS * K) {
+                    stg[e] = nq[x];
+                }
+            }
+            workgroupBarrier();
+            if (sl + 1u < NQS) {
+                nq = fetch_qw(sl + 1u, lid, ch, hk, hb);
+            }
+            let i0 = sl * IS;
+            if (vi * rm < K) {
+                for (var ii = 0u; ii < min(IS, CH - i0); ii++) {
+                    let d = rt[(i0 + ii) * BV4 + cg];
+                    let y = rt[(CH + i0 + ii) * BV4 + cg];
+                    for (var x = 0u; x < rm; x++) {
+                        let m = min(vi * rm + x, kmax);
+                        sacc[x] += stg[ii * K + m] * d - stg[(IS + ii) * K + m] * y;
+                    }
+                }
+            }
+        }
+        workgroupBarrier(); // every read of dS in this step is done
+        if (vi * rm < K) {
+            for (var x = 0u; x < rm; x++) {
+                if (vi * rm + x < K) {
+                    ds[(vi * rm + x) * BV4 + cg] = sacc[x];
+                }
+            }
         }
     }
     workgroupBarrier();
     for (var e = lid; e < K * BV; e += WG) {
-        carry[sbase + s_off(e / BV, j0 + e % BV)] = ds[e];
+        carry[sbase + s_off(e / BV, j0 + e % BV)] = ds[e / 4u][e % 4u];
     }
 }
