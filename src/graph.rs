@@ -81,6 +81,11 @@ pub struct PassGraph<'a> {
     scratch: Vec<Scratch>,
 }
 
+/// The binding of a whole buffer (see [`PassGraph::dispatch_ranges`]).
+pub fn whole(b: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
+    b.as_entire_buffer_binding()
+}
+
 impl<'a> PassGraph<'a> {
     pub fn new(gpu: &'a Gpu, kernels: &'a KernelCache, pool: &'a Pool) -> Self {
         PassGraph { gpu, kernels, pool, steps: Vec::new(), scratch: Vec::new() }
@@ -107,6 +112,18 @@ impl<'a> PassGraph<'a> {
 
     /// Records one dispatch of the pipeline `key`, binding `buffers` in the kernel's slot order.
     pub fn dispatch(&mut self, key: &PipelineKey, buffers: &[&wgpu::Buffer], grid: [u32; 3]) -> Result<()> {
+        let all: Vec<_> = buffers.iter().map(|b| whole(b)).collect();
+        self.dispatch_ranges(key, &all, grid)
+    }
+
+    /// [`PassGraph::dispatch`] with byte ranges of buffers (a window's slice of a buffer larger
+    /// than one binding, as the saved states of a long chunked forward).
+    pub fn dispatch_ranges(
+        &mut self,
+        key: &PipelineKey,
+        buffers: &[wgpu::BufferBinding<'_>],
+        grid: [u32; 3],
+    ) -> Result<()> {
         let kernel: Kernel = key.kernel;
         if buffers.len() != kernel.slots().len() {
             return Err(Error::Device {
@@ -128,7 +145,10 @@ impl<'a> PassGraph<'a> {
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: wgpu::BindingResource::Buffer(b.clone()),
+            })
             .collect();
         let bind_group = self.gpu.scoped(kernel.label(), || {
             self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {

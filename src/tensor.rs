@@ -168,6 +168,25 @@ impl Gpu {
     pub fn empty(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
         self.check_size(name, bytes)?;
+        self.alloc(name, shape, dtype, bytes)
+    }
+
+    /// Creates a device tensor that kernels only ever bind in slices (the saved states of a long
+    /// chunked forward, one window at a time): bounded by one buffer, not by one binding.
+    pub(crate) fn empty_sliced(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        if padded(bytes) > self.caps.max_buffer {
+            return Err(Error::TooLarge {
+                name: name.into(),
+                bytes,
+                limit_name: "max_buffer_size",
+                limit: self.caps.max_buffer,
+            });
+        }
+        self.alloc(name, shape, dtype, bytes)
+    }
+
+    fn alloc(&self, name: &str, shape: &[usize], dtype: DType, bytes: u64) -> Result<Tensor> {
         let buffer = self.scoped(name, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(name),

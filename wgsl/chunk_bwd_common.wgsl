@@ -3,8 +3,8 @@
 //
 // The backward runs over the forward's windows in reverse order. Per window it first recomputes the
 // forward's gc, bm, a, w, u (chunk_cumsum, chunk_kkt_solve, chunk_wu), reads the state at the start of
-// each chunk from the saved states `ck` [N, HV, NB, K, V] (kv order; block b = the sequence's chunk b,
-// so the forward saved them every C tokens), then:
+// each chunk from the saved states `ck` (the chunked training forward's per-chunk states, in the
+// canonical [G, HV, K, V] layout of chunk_common.wgsl), then:
 //   chunk_bwd_local   v_new = u - w h;  dvn = P^T do                 (P = scale QK^T ∘ Γ, causal)
 //   chunk_bwd_state   reverse walk: dh = dS; dvn += Kd dS; dS = e^{gc_last} dS + Qg^T do - w^T dvn
 //   chunk_bwd_dqkwg   dq, dk (per value head), dw, and the gate gradient's terms dgc
@@ -21,12 +21,8 @@ override HAS_DHT: bool = false;
 // The passes that read do define `ld_do(i, row)`: element i of do, zero when row `row` is masked
 // (its output row was dropped, so it has no gradient).
 
-// Position in its sequence of local chunk lc (see chunk_common.wgsl, P.blk_off).
-fn chunk_block(lc: u32) -> u32 {
-    return info[P.blk_off + lc];
-}
-
-// Offset of the saved state at the start of local chunk lc (sequence `seq`), value head hv.
+// Offset of the saved state at the start of local chunk lc (sequence `seq`), value head hv: the
+// saved states are the training forward's h (chunk_common.wgsl), each window binding its slice.
 fn ck_base(lc: u32, seq: u32, hv: u32) -> u32 {
-    return ((seq * HV + hv) * P.n_blocks + chunk_block(lc)) * K * V;
+    return h_base(lc, hv);
 }

@@ -21,9 +21,13 @@
 //                   lo .. hi, in time order; first = 1 when they begin at the sequence's first chunk
 //                   (its state then comes from h0), 0 when from the carried state of an earlier window
 //   at P.mask_off:  mask bytes, packed four to a word (HAS_MASK)
-//   at P.blk_off:   (backward) per local chunk, its position b in its sequence: its saved state is
-//                   block b of [N, HV, NB, K, V]. The backward's (lo, hi, flag) has flag = 1 when the
-//                   window holds the sequence's *last* chunk (its dS then starts from dht).
+//   at P.blk_off:   per local chunk, its slot in the window's states h [slots, HV, K, V] (its rank in
+//                   position-major order, see `state_slots` in src/ops/chunked.rs): the windows' states
+//                   laid end to end are one canonical [G, HV, K, V], so a training forward writes them
+//                   straight into the saved states (each window binding its slice) and the backward
+//                   reads them back with windows of another size.
+// A backward's (lo, hi, flag) has flag = 1 when the window holds the sequence's *last* chunk (its
+// dS then starts from dht).
 
 struct Params {
     n_local: u32,    // local chunks L in this window
@@ -33,11 +37,11 @@ struct Params {
     n_seqs: u32,
     wg_per_row: u32, // workgroups along y before z takes over (grid limit)
     scale: f32,
-    blk_off: u32,    // backward: per local chunk, its block (chunk position) in its sequence
-    n_blocks: u32,   // backward: blocks per (sequence, head) of the saved states
+    blk_off: u32,    // per local chunk, its state slot
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -97,6 +101,11 @@ fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
     (*acc)[1] += a.y * b;
     (*acc)[2] += a.z * b;
     (*acc)[3] += a.w * b;
+}
+
+// Offset of the state at the start of local chunk lc, value head hv, in the window's states h.
+fn h_base(lc: u32, hv: u32) -> u32 {
+    return (info[P.blk_off + lc] * HV + hv) * K * V;
 }
 
 // Index of the local chunk of the workgroup on the y/z axes of the grid.

@@ -137,7 +137,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let tr = lid / (BVO / 4u);
     let in_tile = tr < q4;
     var acc: array<vec4<f32>, 4>;
-    let sb = (lc * HV + hv) * K * V + j0;
+    let sb = h_base(lc, hv) + j0;
     let vb = hb * V + j0;
     var ny = fetch_out(0u, lid, ch, hk, sb, vb);
     for (var s0 = 0u; s0 < K + CH; s0 += BS) {

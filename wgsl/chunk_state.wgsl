@@ -71,7 +71,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (lid < CH) {
             fac[lid] = select(0.0, exp(gl - gc[hb + lid]), lid < ch.y);
         }
-        let hbase = (lc * HV + hv) * K * V + j0;
+        let hbase = h_base(lc, hv) + j0;
         for (var e = lid; e < K * BV; e += WG) {
             h[hbase + (e / BV) * V + e % BV] = s[e / 4u][e % 4u];
         }

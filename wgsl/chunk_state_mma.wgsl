@@ -137,7 +137,7 @@ fn main(
         workgroupBarrier(); // S of the previous chunk is complete; xs and s16 are free
         let hb = (lc * HV + hv) * CH;
         let gl = nx.gl;
-        let hbase = (lc * HV + hv) * K * V + j0;
+        let hbase = h_base(lc, hv) + j0;
         for (var e = lid; e < K * BV; e += MWG) {
             let x = s32[e];
             h[hbase + (e / BV) * V + e % BV] = x;

@@ -128,11 +128,9 @@ pub struct Params {
     pub n_seqs: u32,
     pub wg_per_row: u32,
     pub scale: f32,
-    /// Backward: offset of the per-chunk block indices in the chunk table.
+    /// Offset of the per-chunk state slots in the chunk table.
     pub blk_off: u32,
-    /// Backward: blocks per (sequence, head) of the saved states.
-    pub n_blocks: u32,
-    pub _pad: [u32; 3],
+    pub _pad: [u32; 4],
 }
 
 /// One window of chunks: the forward runs all its passes over one window before the next; the

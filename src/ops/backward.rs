@@ -34,6 +34,8 @@ pub struct Saved {
     mask: Option<Tensor>,
     checkpoints: Tensor,
     every: usize,
+    /// The chunk size when the chunked forward saved the states (for the chunked backward).
+    chunk: Option<u32>,
 }
 
 impl Saved {
@@ -41,14 +43,23 @@ impl Saved {
     pub fn problem(&self) -> &Problem {
         &self.problem
     }
-    /// States before rows `seq[n] + b*C` of each sequence: `[N, HV, NB, K, V]` (kv order whatever
-    /// the call's layout), F32, `NB = ceil(max_len / C)`; blocks past a sequence's end are zero.
+    /// States before rows `seq[n] + b*C` of each sequence, F32, kv order whatever the call's layout.
+    /// After the recurrent forward: `[N, HV, NB, K, V]`, `NB = ceil(max_len / C)`, blocks past a
+    /// sequence's end zero. After the chunked forward ([`Saved::chunk`]): `[G, HV, K, V]`, one state
+    /// per chunk of every sequence (G in all), in position-major order: the first chunks of all
+    /// sequences, then all second chunks, and so on. That tensor may exceed one storage binding
+    /// (B=8, T=8192, HV=32, K=V=128: 2 GiB); the passes bind it a window at a time.
     pub fn checkpoints(&self) -> &Tensor {
         &self.checkpoints
     }
     /// The checkpoint interval C.
     pub fn every(&self) -> usize {
         self.every
+    }
+    /// The chunk size, when the chunked forward saved the states: the backward then runs the
+    /// chunked passes; otherwise the recurrent kernel.
+    pub fn chunk(&self) -> Option<u32> {
+        self.chunk
     }
     /// Bytes of device memory the saved states take (the inputs are shared with the caller).
     pub fn state_bytes(&self) -> u64 {
@@ -124,10 +135,15 @@ impl Engine {
     /// ```
     pub fn forward_train(&self, x: &Inputs, opts: &Options) -> Result<(Outputs, Saved)> {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
-        // The forward of a training step is the recurrent kernel, saving the state every C tokens:
-        // both backwards start from those states (the chunked one with C = its chunk size).
+        // The backward is decided here: the chunked one starts from the state at every chunk,
+        // which the chunked forward writes as it goes; the recurrent one from the states the
+        // recurrent kernel saves every C tokens.
+        let auto_every = self.settings.checkpoint_every.is_none_or(|e| e == super::AUTO_CHUNK as usize);
         let chunked = match super::plan(&p, &self.gpu.caps)? {
             Plan::Chunked { chunk } if p.algorithm != Algorithm::Auto => Some(chunk as usize),
+            _ if p.algorithm == Algorithm::Auto && auto_chunked_backward(&p) && auto_every => {
+                Some(super::AUTO_CHUNK as usize)
+            }
             _ => None,
         };
         let d = &p.dims;
@@ -144,10 +160,18 @@ impl Engine {
         if every == 0 || every > 4096 {
             return Err(Error::Option { name: "checkpoint_every", why: format!("must be 1..=4096, got {every}") });
         }
-        let nb = p.seqs.max_len().div_ceil(every);
-        // Fresh buffers are zero-filled by wgpu: blocks past a shorter sequence's end stay zero.
-        let ck = self.gpu.empty("wgdelta.checkpoints", &[p.n_seqs(), d.hv, nb, d.k, d.v], DType::F32)?;
-        let out = super::recurrent::forward(self, &p, x, Some((&ck.buffer, every as u32, nb as u32)))?;
+        let (ck, out) = if let Some(c) = chunked {
+            let g = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(c)).sum();
+            let ck = self.gpu.empty_sliced("wgdelta.checkpoints", &[g, d.hv, d.k, d.v], DType::F32)?;
+            let out = super::chunked::forward(self, &p, x, c as u32, Some(&ck.buffer))?;
+            (ck, out)
+        } else {
+            let nb = p.seqs.max_len().div_ceil(every);
+            // Fresh buffers are zero-filled by wgpu: blocks past a shorter sequence's end stay zero.
+            let ck = self.gpu.empty("wgdelta.checkpoints", &[p.n_seqs(), d.hv, nb, d.k, d.v], DType::F32)?;
+            let out = super::recurrent::forward(self, &p, x, Some((&ck.buffer, every as u32, nb as u32)))?;
+            (ck, out)
+        };
         let saved = Saved {
             problem: p,
             opts: *opts,
@@ -161,24 +185,18 @@ impl Engine {
             mask: x.mask.cloned(),
             checkpoints: ck,
             every,
+            chunk: chunked.map(|c| c as u32),
         };
         Ok((out, saved))
     }
 
     /// The chunk size the backward of `p` runs the chunked passes with, or `None` for the recurrent
-    /// kernel: `Algorithm::Chunked` asks for them, `Recurrent` for the kernel; `Auto` picks chunked
-    /// where [`auto_chunked_backward`] says so and the states were saved every 64 tokens.
-    pub fn backward_chunk(&self, p: &Problem, saved: &Saved) -> Result<Option<u32>> {
-        match p.algorithm {
-            Algorithm::Recurrent => Ok(None),
-            Algorithm::Chunked { .. } => match super::plan(p, &self.gpu.caps)? {
-                Plan::Chunked { chunk } => Ok(Some(chunk)),
-                Plan::Recurrent => Ok(None),
-            },
-            Algorithm::Auto => {
-                Ok((auto_chunked_backward(p) && saved.every == super::AUTO_CHUNK as usize).then_some(super::AUTO_CHUNK))
-            }
-        }
+    /// kernel: decided by [`Engine::forward_train`], which saved the states that backward starts
+    /// from ([`Saved::chunk`]). `Algorithm::Chunked` asks for the chunked passes, `Recurrent` for the
+    /// kernel; `Auto` picks chunked where [`auto_chunked_backward`] says so (and no other
+    /// `checkpoint_every` than 64 was set).
+    pub fn backward_chunk(&self, _p: &Problem, saved: &Saved) -> Result<Option<u32>> {
+        Ok(saved.chunk)
     }
 
     /// The accumulation variant the backward of `p` uses on this engine.

@@ -15,7 +15,7 @@
 use super::{Inputs, Outputs};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::graph::PassGraph;
+use crate::graph::{whole, PassGraph};
 use crate::kernels::chunked::{
     max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, Window, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
@@ -74,9 +74,7 @@ impl ChunkTable {
                 words.extend([r[0], r[1], flag]);
             }
             let blk_off = words.len() as u32;
-            if backward {
-                words.extend(w.chunks.iter().map(|ch| (ch[0] - p.seqs.offsets[ch[2] as usize]) / chunk));
-            }
+            words.extend(state_slots(p, &w.chunks, chunk));
             offs.push([chunk_off, seq_off, blk_off]);
         }
         let mask_off = words.len() as u32;
@@ -95,8 +93,7 @@ impl ChunkTable {
         Ok(info)
     }
 
-    /// The uniform parameters of window `wi` (blocks per sequence and head `n_blocks` left 0: a
-    /// backward sets it).
+    /// The uniform parameters of window `wi`.
     pub(crate) fn params(&self, wi: usize, p: &Problem, wg_per_row: u32) -> Params {
         let [chunk_off, seq_off, blk_off] = self.offs[wi];
         Params {
@@ -108,17 +105,40 @@ impl ChunkTable {
             wg_per_row,
             scale: p.scale,
             blk_off,
-            n_blocks: 0,
-            _pad: [0; 3],
+            _pad: [0; 4],
         }
     }
 }
 
+/// The slot of each chunk of a window in the window's states (`h_base` in `wgsl/chunk_common.wgsl`):
+/// its rank in position-major order (all first chunks of the window's sequences, then all second
+/// chunks, ...). Windows are consecutive runs of that order ([`crate::kernels::chunked::windows`]),
+/// so the states of all windows together are the call's states in one canonical layout
+/// `[G, HV, K, V]` whatever the window size, and a window's states are one contiguous slice of it.
+fn state_slots(p: &Problem, chunks: &[[u32; 3]], chunk: u32) -> Vec<u32> {
+    let pos = |ch: &[u32; 3]| (ch[0] - p.seqs.offsets[ch[2] as usize]) / chunk;
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_unstable_by_key(|&i| (pos(&chunks[i]), chunks[i][2]));
+    let mut slots = vec![0; chunks.len()];
+    for (rank, i) in order.into_iter().enumerate() {
+        slots[i] = rank as u32;
+    }
+    slots
+}
+
 /// Forward by the chunked passes with chunks of `chunk` tokens: `o`, and `ht` when asked.
-pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32) -> Result<Outputs> {
+/// With `states` (a training forward), the state at the start of every chunk is written there, in
+/// the canonical layout `[G, HV, K, V]` (`state_slots`), for the chunked backward.
+pub(crate) fn forward(
+    eng: &Engine,
+    p: &Problem,
+    x: &Inputs,
+    chunk: u32,
+    states: Option<&wgpu::Buffer>,
+) -> Result<Outputs> {
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
     let mut graph = eng.graph();
-    let (out, _) = record(eng, &mut graph, p, x, chunk, budget, false)?;
+    let (out, _) = record(eng, &mut graph, p, x, chunk, budget, false, states)?;
     eng.submit(graph)?;
     Ok(out)
 }
@@ -135,7 +155,9 @@ pub(crate) struct Saved {
 
 /// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
 /// `pack16` makes the f16 operands of the cooperative-matrix walk (`chunk_pack16.wgsl`) even where
-/// the walk that runs does not use them (stage tests check them on every device).
+/// the walk that runs does not use them (stage tests check them on every device); `states`, the
+/// saved states of a training forward, takes the place of the per-window scratch `h`.
+#[allow(clippy::too_many_arguments)]
 fn record(
     eng: &Engine,
     graph: &mut PassGraph,
@@ -144,6 +166,7 @@ fn record(
     chunk: u32,
     budget: u64,
     pack16: bool,
+    states: Option<&wgpu::Buffer>,
 ) -> Result<(Outputs, Saved)> {
     let d = &p.dims;
     let c = chunk as usize;
@@ -174,8 +197,13 @@ fn record(
     let w = graph.scratch("wgdelta.chunk.w", b_w, SAVED)?;
     let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
     let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, SAVED)?;
-    let h = graph.scratch("wgdelta.chunk.h", b_h, SAVED)?;
-    // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_pack16.wgsl) instead of w, k.
+    let h = match states {
+        Some(b) => b.clone(),
+        None => graph.scratch("wgdelta.chunk.h", b_h, SAVED)?,
+    };
+    let per_state = (d.hv * d.k * d.v * 4) as u64;
+    let mut first = 0u64; // the window's first slot in the canonical states
+                          // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_pack16.wgsl) instead of w, k.
     let wk16 = if packed { Some(graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)?) } else { None };
     let state_w = match (&wk16, spec.mma) {
         (Some(b), Some(_)) => b,
@@ -211,15 +239,33 @@ fn record(
                 )?;
             }
         }
-        graph.dispatch(
+        let hb = match states {
+            Some(_) => window_slice(&h, first, nl as u64, per_state),
+            None => h.as_entire_buffer_binding(),
+        };
+        first += nl as u64;
+        graph.dispatch_ranges(
             &spec.key(state_kernel, p),
-            &[&ps, &info, &x.k.buffer, &gc, state_w, &u, h0, &h, &vn, carry],
+            &[
+                whole(&ps),
+                whole(&info),
+                whole(&x.k.buffer),
+                whole(&gc),
+                whole(state_w),
+                whole(&u),
+                whole(h0),
+                hb.clone(),
+                whole(&vn),
+                whole(carry),
+            ],
             [hv * (d.v as u32 / spec.bv), sy, sz],
         )?;
         if nl > 0 {
-            graph.dispatch(
+            let o = &o.buffer;
+            let (q, k) = (&x.q.buffer, &x.k.buffer);
+            graph.dispatch_ranges(
                 &spec.key(Kernel::ChunkOutput, p),
-                &[&pc, &info, &x.q.buffer, &x.k.buffer, &gc, &h, &vn, &o.buffer],
+                &[whole(&pc), whole(&info), whole(q), whole(k), whole(&gc), hb, whole(&vn), whole(o)],
                 [hv * (d.v as u32 / spec.bvo), cy, cz],
             )?;
         }
@@ -264,7 +310,7 @@ impl Engine {
             return Err(Error::Unsupported(why));
         }
         let mut graph = self.graph();
-        let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX, true)?;
+        let (out, saved) = record(self, &mut graph, &p, x, chunk, u64::MAX, true, None)?;
         let mut copies = Vec::new();
         for (b, &size) in saved.bufs.iter().zip(&saved.sizes) {
             let t = self.gpu.empty("wgdelta.chunk.stage", &[(size / 4) as usize], crate::problem::DType::F32)?;
@@ -280,6 +326,11 @@ impl Engine {
         self.submit(graph)?;
         let wk16 = bytemuck::pod_collect_to_vec(&self.download(&wk)?.bytes);
         let mut v = copies.iter().map(|t| self.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?;
+        // h is kept by slot (`state_slots`); the stages list it by local chunk like the rest.
+        let per = p.dims.hv * p.dims.k * p.dims.v;
+        let h = v.pop().expect("h is the last stage");
+        let slots = state_slots(&p, &saved.chunks, chunk);
+        v.push(slots.iter().flat_map(|&s| h[s as usize * per..(s as usize + 1) * per].iter().copied()).collect());
         let mut next = || v.remove(0);
         Ok(ChunkStages {
             out,
@@ -294,6 +345,13 @@ impl Engine {
             wk16,
         })
     }
+}
+
+/// The binding of `n` states from slot `first` of `states` (`per` bytes each): one window's slice
+/// of the canonical saved states. A window without chunks binds one state's bytes it never touches.
+pub(crate) fn window_slice(states: &wgpu::Buffer, first: u64, n: u64, per: u64) -> wgpu::BufferBinding<'_> {
+    let size = (n * per).max(per.min(states.size() - first * per)).max(4);
+    wgpu::BufferBinding { buffer: states, offset: first * per, size: std::num::NonZeroU64::new(size) }
 }
 
 /// Records the passes before the state walk: cumsum, kkt_solve, wu.

@@ -10,11 +10,12 @@
 //! whatever [`crate::Accum`] is configured.
 
 use super::backward::{Grads, Saved};
-use super::chunked::{check_workgroup_memory, record_chunk_passes, split, ChunkTable, STORAGE};
+use super::chunked::{check_workgroup_memory, record_chunk_passes, split, window_slice, ChunkTable, STORAGE};
 use super::Inputs;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, Params, DEFAULT_WINDOW_BYTES};
+use crate::graph::whole;
+use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES};
 use crate::kernels::Kernel;
 use crate::problem::Problem;
 use crate::tensor::Tensor;
@@ -33,11 +34,14 @@ pub(crate) fn backward(
     let c = chunk as usize;
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
-    if saved.every() != c {
+    if saved.chunk() != Some(chunk) {
         return Err(Error::Unsupported(format!(
-            "the chunked backward with chunk {chunk} needs states saved every {chunk} tokens; this forward saved \
-             them every {}",
-            saved.every()
+            "the chunked backward with chunk {chunk} starts from the states of the chunked forward with chunk \
+             {chunk}; this forward saved {}",
+            match saved.chunk() {
+                Some(c) => format!("those of chunk {c}"),
+                None => format!("the recurrent kernel's, every {} tokens", saved.every()),
+            }
         )));
     }
     check_workgroup_memory(caps)?;
@@ -90,7 +94,16 @@ pub(crate) fn backward(
     let key = |k: Kernel| spec.bwd_key(k, p, d_o.dtype(), dht.map(Tensor::dtype));
     let x = saved.inputs();
     let ck = &saved.checkpoints().buffer;
-    let n_blocks = saved.checkpoints().shape()[2] as u32;
+    let per_state = (d.hv * d.k * d.v * 4) as u64;
+    // Each window's first slot in the canonical saved states.
+    let firsts: Vec<u64> = wins
+        .iter()
+        .scan(0u64, |acc, w| {
+            let f = *acc;
+            *acc += w.chunks.len() as u64;
+            Some(f)
+        })
+        .collect();
 
     let max = caps.max_workgroups_per_dim;
     let (hv, kv) = (d.hv as u32, (d.k + d.v) as u32);
@@ -98,7 +111,8 @@ pub(crate) fn backward(
         let nl = win.chunks.len();
         let (cy, cz) = split(nl, max);
         let (sy, sz) = split(n, max);
-        let params = |wg_per_row| Params { n_blocks, ..table.params(wi, p, wg_per_row) };
+        let params = |wg_per_row| table.params(wi, p, wg_per_row);
+        let ckb = window_slice(ck, firsts[wi], nl as u64, per_state);
         let uniform = wgpu::BufferUsages::UNIFORM;
         let pc = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), uniform)?;
         let ps = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), uniform)?;
@@ -106,9 +120,21 @@ pub(crate) fn backward(
         let dout = &d_o.buffer;
         if nl > 0 {
             record_chunk_passes(&mut graph, p, &spec, &x, [&pc, &info, gc, bm, a, w, u], hv, kv, [cy, cz])?;
-            graph.dispatch(
+            graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdLocal),
-                &[&pc, &info, q, k, gc, w, u, ck, dout, vn, dvn],
+                &[
+                    whole(&pc),
+                    whole(&info),
+                    whole(q),
+                    whole(k),
+                    whole(gc),
+                    whole(w),
+                    whole(u),
+                    ckb.clone(),
+                    whole(dout),
+                    whole(vn),
+                    whole(dvn),
+                ],
                 [hv, cy, cz],
             )?;
         }
@@ -118,9 +144,24 @@ pub(crate) fn backward(
             [hv * (d.v as u32 / spec.bv), sy, sz],
         )?;
         if nl > 0 {
-            graph.dispatch(
+            graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdDqkwg),
-                &[&pc, &info, q, k, gc, ck, dh, vn, dvn, dout, dqp, dkp, dw, dgc],
+                &[
+                    whole(&pc),
+                    whole(&info),
+                    whole(q),
+                    whole(k),
+                    whole(gc),
+                    ckb,
+                    whole(dh),
+                    whole(vn),
+                    whole(dvn),
+                    whole(dout),
+                    whole(dqp),
+                    whole(dkp),
+                    whole(dw),
+                    whole(dgc),
+                ],
                 [hv, cy, cz],
             )?;
             graph.dispatch(

@@ -148,7 +148,7 @@ impl Engine {
         let p = Problem::new(&x.meta(), x.cu_seqlens, opts, false)?;
         match plan(&p, &self.gpu.caps)? {
             Plan::Recurrent => recurrent::forward(self, &p, x, None),
-            Plan::Chunked { chunk } => chunked::forward(self, &p, x, chunk),
+            Plan::Chunked { chunk } => chunked::forward(self, &p, x, chunk, None),
         }
     }
 }
