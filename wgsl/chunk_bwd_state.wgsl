@@ -11,13 +11,16 @@
 //
 // Grid: (HV * V / BV, sequences on y/z): sequential over chunks, parallel over sequences, heads and
 // tiles of BV value columns. The K x BV tile of dS and the chunk's do and dvn tiles (C x BV each)
-// live in workgroup memory; the chunk's k, q and w go through one staging array `stg` in slices
-// (coalesced global reads, bf16/f16 decoded once, each slice's reads issued one slice ahead into
-// registers), so the inner loops read only workgroup memory and registers:
+// live in workgroup memory; the chunk's k, q and w go through a staging area in slices (coalesced
+// global reads, bf16/f16 decoded once), so the inner loops read only workgroup memory and registers:
 //   dvn: thread (row i, column group) accumulates 4 columns of row i over K, KS columns of k at a time;
 //   dS:  thread (row group, column group) owns RM rows x 4 columns of dS in registers and sums over
 //        the chunk's rows, IS rows of q (pre-scaled) and of w at a time.
-// The three arrays fill WORKGROUP_BYTES exactly (src/kernels/chunked.rs).
+// The walk is latency-bound (one step after another; B=1 has only HV * V / BV workgroups), so:
+// dS, do/dvn and the staging area share one array, the staging area taking all that dS leaves free
+// (K = 128: 3072 floats, so 4 + 6 slices a step instead of 8 + 16), and every slice's global reads
+// are issued one slice ahead, across phases and steps too (the next step's first k slice is read
+// during this step's last q/w slice), so no step starts by waiting on memory.
 
 @group(0) @binding(2) var<storage, read> q: array<u32>;
 @group(0) @binding(3) var<storage, read> k: array<u32>;
@@ -29,26 +32,39 @@
 @group(0) @binding(9) var<storage, read_write> dh: array<f32>;
 @group(0) @binding(10) var<storage, read_write> carry: array<f32>;
 
-const KS: u32 = 16u;                          // k slice: C rows x KS columns, row stride KS + 1
-const STG: u32 = 1088u;                       // staging floats: C * (KS + 1), and 2 * IS * K
-override IS: u32 = min(CH, 544u / K);         // q/w slice rows (K <= 256: at least 2)
-override NKX: u32 = CH * KS / WG;             // k elements per thread per slice (C / 16: 1..4)
-override NQS: u32 = (CH + IS - 1u) / IS;      // q/w slices (the last may be partial)
-override NQX: u32 = (2u * IS * K + WG - 1u) / WG; // q/w elements per thread per slice (<= 5)
-override BV4: u32 = BV / 4u;                  // column groups of 4
+const WSM: u32 = 1808u;                        // vec4s of workgroup memory (28,928 bytes)
+override BV4: u32 = BV / 4u;                    // column groups of 4
+override RT0: u32 = K * BV4;                    // vec4 offset of do rows, then dvn rows ([i * BV4 + c / 4])
+override STG0: u32 = 4u * (RT0 + 2u * CH * BV4); // float offset of the staging area
+override STGN: u32 = 4u * WSM - STG0;           // staging floats (K <= 256, C <= 64, BV = 16: >= C * 17)
+// k slice columns: 32 where K allows and C rows of 33 fit, else 16 (row stride KS + 1: no bank conflicts)
+override KS: u32 = 16u + 16u * ((16u - K % 32u) / 16u) * min(1u, STGN / (CH * 33u));
+override NKS: u32 = K / KS;                     // k slices
+override NKX: u32 = CH * KS / WG;               // k elements per thread per slice (<= 8)
+override IS: u32 = min(CH, min(STGN, 3072u) / (2u * K)); // q/w slice rows (>= 2)
+override NQS: u32 = (CH + IS - 1u) / IS;        // q/w slices (the last may be partial)
+override NQX: u32 = (2u * IS * K + WG - 1u) / WG; // q/w elements per thread per slice (<= 12)
 
-var<workgroup> ds: array<vec4<f32>, TILE / 4u>; // dS[m, c] at [m * BV4 + c / 4][c % 4]
-var<workgroup> rt: array<vec4<f32>, 512u>;      // do rows, then dvn rows: [i * BV4 + c / 4] (2 C BV <= 2048)
-var<workgroup> stg: array<f32, STG>;
+var<workgroup> wsm: array<vec4<f32>, WSM>;     // dS [m * BV4 + c / 4] | do, dvn rows | staging
 var<workgroup> seq_range: vec3<u32>;
+
+fn stg_set(i: u32, x: f32) {
+    let a = STG0 + i;
+    wsm[a / 4u][a % 4u] = x;
+}
+
+fn stg(i: u32) -> f32 {
+    let a = STG0 + i;
+    return wsm[a / 4u][a % 4u];
+}
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_of(DO_DT, i)], i), live(row)); }
 
 // This thread's share of k slice `sl` (C x KS, rows past len 0).
-fn fetch_k(sl: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 4> {
-    var f: array<f32, 4>;
+fn fetch_k(sl: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 8> {
+    var f: array<f32, 8>;
     for (var x = 0u; x < NKX; x++) {
         let e = lid + WG * x;
         let i = e / KS;
@@ -59,8 +75,8 @@ fn fetch_k(sl: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 4> {
 
 // This thread's share of q/w slice `sl`: rows i0 .. i0 + IS of scale exp(gc) q, then of w (rows
 // past len 0), at [ii * K + m] and [(IS + ii) * K + m].
-fn fetch_qw(sl: u32, lid: u32, ch: vec3<u32>, hk: u32, hb: u32) -> array<f32, 5> {
-    var f: array<f32, 5>;
+fn fetch_qw(sl: u32, lid: u32, ch: vec3<u32>, hk: u32, hb: u32) -> array<f32, 12> {
+    var f: array<f32, 12>;
     for (var x = 0u; x < NQX; x++) {
         let e = lid + WG * x;
         let half = e / (IS * K);
@@ -105,41 +121,47 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         } else if (HAS_DHT) {
             x = decode(DHT_DT, dht[word_of(DHT_DT, at)], at);
         }
-        ds[e / 4u][e % 4u] = x;
+        wsm[e / 4u][e % 4u] = x;
     }
 
     let cg = lid % BV4;
     let vi = lid / BV4;                  // dvn row (rows >= C idle); also the dS update's row group
     let rm = (K * BV4 + WG - 1u) / WG;   // dS rows per thread: ceil(K / (WG / BV4)) <= 4
     let kmax = K - 1u;
+    var nk: array<f32, 8>;
+    var nq: array<f32, 12>;
+    if (r.y > r.x) {
+        nk = fetch_k(0u, lid, chunk_at(r.y - 1u), hk);
+    }
     for (var t = r.y; t > r.x; t--) {
         let lc = t - 1u;
-        workgroupBarrier(); // dS (and rt, stg) of the previous step are complete
+        workgroupBarrier(); // dS of the previous step is complete
         let ch = chunk_at(lc);
         let hb = (lc * HV + hv) * CH;
         let gl = gc[hb + ch.y - 1u];
         let dhb = (lc * HV + hv) * K * V + j0;
         for (var e = lid; e < K * BV; e += WG) {
-            dh[dhb + (e / BV) * V + e % BV] = ds[e / 4u][e % 4u];
+            dh[dhb + (e / BV) * V + e % BV] = wsm[e / 4u][e % 4u];
         }
 
         // dvn += exp(gc_last - gc) ∘ (K dS), k staged KS columns at a time.
         var acc = vec4<f32>(0.0);
-        var nk = fetch_k(0u, lid, ch, hk);
-        for (var sl = 0u; sl < K / KS; sl++) {
+        for (var sl = 0u; sl < NKS; sl++) {
             workgroupBarrier();
             for (var x = 0u; x < NKX; x++) {
                 let e = lid + WG * x;
-                stg[(e / KS) * (KS + 1u) + e % KS] = nk[x];
+                stg_set((e / KS) * (KS + 1u) + e % KS, nk[x]);
             }
             workgroupBarrier();
-            if (sl + 1u < K / KS) {
+            if (sl + 1u < NKS) {
                 nk = fetch_k(sl + 1u, lid, ch, hk);
+            } else {
+                nq = fetch_qw(0u, lid, ch, hk, hb);
             }
             if (vi < CH) {
                 let m0 = sl * KS;
                 for (var mm = 0u; mm < KS; mm++) {
-                    acc += stg[vi * (KS + 1u) + mm] * ds[(m0 + mm) * BV4 + cg];
+                    acc += stg(vi * (KS + 1u) + mm) * wsm[(m0 + mm) * BV4 + cg];
                 }
             }
         }
@@ -156,52 +178,54 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     d[cc] = ld_do(da + cc, ch.x + vi);
                 }
             }
-            rt[vi * BV4 + cg] = d;
-            rt[(CH + vi) * BV4 + cg] = x;
+            wsm[RT0 + vi * BV4 + cg] = d;
+            wsm[RT0 + (CH + vi) * BV4 + cg] = x;
         }
 
         // dS = exp(gc_last) dS + (scale exp(gc) ∘ Q)^T do - W^T dvn, IS rows of q and w at a time.
         var sacc: array<vec4<f32>, 4>;
         let dl = exp(gl);
         for (var x = 0u; x < rm; x++) {
-            sacc[x] = dl * ds[min(vi * rm + x, kmax) * BV4 + cg];
+            sacc[x] = dl * wsm[min(vi * rm + x, kmax) * BV4 + cg];
         }
-        var nq = fetch_qw(0u, lid, ch, hk, hb);
         for (var sl = 0u; sl < NQS; sl++) {
             workgroupBarrier();
             for (var x = 0u; x < NQX; x++) {
                 let e = lid + WG * x;
                 if (e < 2u * IS * K) {
-                    stg[e] = nq[x];
+                    stg_set(e, nq[x]);
                 }
             }
             workgroupBarrier();
             if (sl + 1u < NQS) {
                 nq = fetch_qw(sl + 1u, lid, ch, hk, hb);
+            } else if (lc > r.x) {
+                nk = fetch_k(0u, lid, chunk_at(lc - 1u), hk);
             }
             let i0 = sl * IS;
             if (vi * rm < K) {
                 for (var ii = 0u; ii < min(IS, CH - i0); ii++) {
-                    let d = rt[(i0 + ii) * BV4 + cg];
-                    let y = rt[(CH + i0 + ii) * BV4 + cg];
+                    let d = wsm[RT0 + (i0 + ii) * BV4 + cg];
+                    let y = wsm[RT0 + (CH + i0 + ii) * BV4 + cg];
                     for (var x = 0u; x < rm; x++) {
                         let m = min(vi * rm + x, kmax);
-                        sacc[x] += stg[ii * K + m] * d - stg[(IS + ii) * K + m] * y;
+                        sacc[x] += stg(ii * K + m) * d - stg((IS + ii) * K + m) * y;
                     }
                 }
             }
         }
-        workgroupBarrier(); // every read of dS in this step is done
+        // Only this thread's entries of dS are read after the dvn phase (the barriers above
+        // separate it), so they can be replaced without another barrier.
         if (vi * rm < K) {
             for (var x = 0u; x < rm; x++) {
                 if (vi * rm + x < K) {
-                    ds[(vi * rm + x) * BV4 + cg] = sacc[x];
+                    wsm[(vi * rm + x) * BV4 + cg] = sacc[x];
                 }
             }
         }
     }
     workgroupBarrier();
     for (var e = lid; e < K * BV; e += WG) {
-        carry[sbase + s_off(e / BV, j0 + e % BV)] = ds[e / 4u][e % 4u];
+        carry[sbase + s_off(e / BV, j0 + e % BV)] = wsm[e / 4u][e % 4u];
     }
 }
