@@ -11,7 +11,7 @@
 //   chunk_bwd_wy      through A: dk, dv, dbeta, and dg (reverse cumulative sum of dgc)
 //   chunk_bwd_reduce  dq, dk summed over the value heads of each key head, in a fixed order
 // Scratch per local chunk and value head (padded to C rows, rows >= len zero): vn, dvn [C, V];
-// dh [K, V] (the gradient of the chunk's final state); dqp, dkp, dw [C, K]; dgc [C]; dm [C, C].
+// dh [K, V] (the gradient of the chunk's final state); dqp, dkp, dw [C, K]; dgc [C].
 // Nothing accumulates with atomics: the backward is bitwise repeatable.
 
 override DO_DT: u32 = 0u;    // dtype of the upstream gradient do

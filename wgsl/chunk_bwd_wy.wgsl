@@ -12,8 +12,8 @@
 //     dgc_i += bm_i (exp(gc_i) k_i . dX_i + k_i . Z_i) - k_i . Zc_i
 //     dg_t = sum_{i >= t} dgc_i (gc is an inclusive cumulative sum); a masked token gets dg = dbeta
 //     = 0; a Linear gate's gradient is divided by its decay.
-// Writes dv, dbeta, dg (the call's tensors) for the chunk's rows, and dkp. The scratch dm is bound
-// but not used: every C x C intermediate stays in workgroup memory and registers.
+// Writes dv, dbeta, dg (the call's tensors) for the chunk's rows, and dkp. Every C x C intermediate
+// stays in workgroup memory and registers.
 //
 // Grid: (HV, local chunks on y/z); one workgroup does the whole chunk of one value head.
 // Tiling. All C x C matrices live in ONE workgroup array mt (C x C, 16 vec4 a row, the vec4
@@ -55,10 +55,9 @@
 @group(0) @binding(9) var<storage, read> dvn: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read> dgc: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dkp: array<vec4<f32>>;
-@group(0) @binding(12) var<storage, read_write> dmt: array<f32>;
-@group(0) @binding(13) var<storage, read_write> dv: array<vec4<f32>>;
-@group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
-@group(0) @binding(15) var<storage, read_write> dg: array<f32>;
+@group(0) @binding(12) var<storage, read_write> dv: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(14) var<storage, read_write> dg: array<f32>;
 
 const BS: u32 = 16u;   // slice: columns of K / V (phase 1), rows of the chunk (phase 4)
 const CP: u32 = 17u;   // vec4s per row of a staged slice: C / 4 and TW / 4 <= 16, plus one

@@ -201,13 +201,13 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, packed: bool) -> [u64; 8] {
 }
 
 /// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, a,
-/// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc, dm (`wgsl/chunk_bwd_common.wgsl`).
-pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 13] {
+/// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc (`wgsl/chunk_bwd_common.wgsl`).
+pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 12] {
     let d = &p.dims;
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4 * hv;
     let [gc, bm, a, w, u, ..] = scratch_per_chunk(p, chunk, false);
-    [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, f * c * c]
+    [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c]
 }
 
 /// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest

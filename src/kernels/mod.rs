@@ -209,7 +209,7 @@ impl Kernel {
             // k, v, g, gc, bm, a, dw, dvn, dgc | dkp, dm, dv, dbeta, dg
             Kernel::ChunkBwdWy => &[
                 Uniform, Read, Read, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
-                ReadWrite, ReadWrite,
+                ReadWrite,
             ],
             // dqp, dkp | dq, dk
             Kernel::ChunkBwdReduce => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],

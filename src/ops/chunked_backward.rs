@@ -66,7 +66,7 @@ pub(crate) fn backward(
 
     let mut graph = eng.graph();
     let info = table.record(&mut graph, saved.mask())?;
-    const NAMES: [&str; 13] = [
+    const NAMES: [&str; 12] = [
         "wgdelta.chunk.gc",
         "wgdelta.chunk.beta",
         "wgdelta.chunk.a",
@@ -79,11 +79,10 @@ pub(crate) fn backward(
         "wgdelta.chunk.dk_part",
         "wgdelta.chunk.dw",
         "wgdelta.chunk.dgc",
-        "wgdelta.chunk.dm",
     ];
     let bufs =
         NAMES.iter().zip(per).map(|(name, b)| graph.scratch(name, b * l, STORAGE)).collect::<Result<Vec<_>>>()?;
-    let [gc, bm, a, w, u, vn, dvn, dh, dqp, dkp, dw, dgc, dm] = &bufs[..] else { unreachable!("13 scratch buffers") };
+    let [gc, bm, a, w, u, vn, dvn, dh, dqp, dkp, dw, dgc] = &bufs[..] else { unreachable!("12 scratch buffers") };
     // dS is carried between windows in dh0 itself when the call has h0, else in scratch.
     let carry_scratch = match &dh0 {
         Some(_) => None,
@@ -166,7 +165,7 @@ pub(crate) fn backward(
             )?;
             graph.dispatch(
                 &key(Kernel::ChunkBwdWy),
-                &[&pc, &info, k, v, g, gc, bm, a, dw, dvn, dgc, dkp, dm, &dv.buffer, &dbeta.buffer, &dg.buffer],
+                &[&pc, &info, k, v, g, gc, bm, a, dw, dvn, dgc, dkp, &dv.buffer, &dbeta.buffer, &dg.buffer],
                 [hv, cy, cz],
             )?;
             graph.dispatch(
