@@ -62,7 +62,12 @@ struct BCase {
     do_dtype: DType,
 }
 
-fn bcase(c: Case, dht: bool) -> BCase {
+/// The case on the recurrent backward unless it names another algorithm (`Auto` would take the
+/// chunked passes for a scalar gate; the tests of the recurrent kernel pin it).
+fn bcase(mut c: Case, dht: bool) -> BCase {
+    if c.opts.algorithm == Algorithm::Auto {
+        c.opts.algorithm = Algorithm::Recurrent;
+    }
     BCase { c, dht, do_dtype: DType::F32 }
 }
 
@@ -560,27 +565,35 @@ fn chunked_backward_refuses_what_it_cannot_do() {
     assert!(matches!(err, Error::Option { name: "checkpoint_every", .. }), "{err:?}");
 }
 
-/// Auto in deterministic mode takes the chunked backward for a scalar gate (no atomics, bounded
-/// scratch); the per-key gate stays on the recurrent kernel's deterministic path.
+/// Auto takes the chunked backward for a scalar gate, deterministic or not (it beats the recurrent
+/// kernel at every shape measured); atomics asked for by name, or a per-key gate, keep the
+/// recurrent kernel.
 #[test]
-fn auto_deterministic_backward_is_chunked_for_a_scalar_gate() {
-    let e = atomic();
+fn auto_backward_is_chunked_for_a_scalar_gate() {
+    let gpu =
+        Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("a GPU adapter");
+    let plain = Engine::with_settings(gpu, Settings { poison_outputs: Some(true), ..Default::default() });
+    let e = &plain;
     let mut c = Case::new(1, 150, 2, 4, 32, 32);
     c.h0 = true;
-    c.opts.deterministic = true;
-    let (g, saved) = {
-        let b = bcase(c.clone(), true);
+    for det in [false, true] {
+        c.opts.deterministic = det;
+        let b = BCase { c: c.clone(), dht: true, do_dtype: DType::F32 };
         let d = b.c.data();
         let (d_o, dht) = upstream(&b);
-        run_gpu(e, &b, &d, &d_o, dht.as_ref())
-    };
-    assert!(g.iter().all(|(_, x)| x.iter().all(|v| v.is_finite())));
-    assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), Some(64));
-    check_backward(e, &bcase(c.clone(), true));
-    c.gate = GateKind::PerKey;
-    let b = bcase(c, false);
-    let d = b.c.data();
-    let (d_o, dht) = upstream(&b);
-    let (_, saved) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
-    assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), None);
+        let (g, saved) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
+        assert!(g.iter().all(|(_, x)| x.iter().all(|v| v.is_finite())));
+        assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), Some(64), "deterministic {det}");
+        check_backward(e, &b);
+    }
+    let forced = cas();
+    let mut per_key = c.clone();
+    per_key.gate = GateKind::PerKey;
+    for (e, c) in [(forced, c), (e, per_key)] {
+        let b = BCase { c, dht: false, do_dtype: DType::F32 };
+        let d = b.c.data();
+        let (d_o, dht) = upstream(&b);
+        let (_, saved) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
+        assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), None, "{}", b.c.label());
+    }
 }

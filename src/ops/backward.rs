@@ -103,15 +103,17 @@ pub struct Grads {
     pub dh0: Option<Tensor>,
 }
 
-/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes (on any device):
-/// only in deterministic mode with a scalar gate (and no per-key gate or `Settings::accum` forcing
-/// otherwise). Its passes use no atomics, so it is bitwise repeatable with scratch bounded by the
-/// window budget, while the recurrent kernel's deterministic partial sums grow with T (B=1 T=4096,
-/// HV=32, K=V=128: 8.6 GB, refused). With atomics the recurrent backward is faster at every shape
-/// measured on the H100 (docs/PERF.md, run R20: bf16 B=1 T=4096 21.3 against 37.4 ms for forward +
-/// backward; B=1..16, T=256..4096 all 1.7-1.9x), so Auto keeps it there.
-pub fn auto_chunked_backward(p: &Problem) -> bool {
-    p.deterministic && super::chunked_unsupported(p).is_none()
+/// Whether `Algorithm::Auto` runs the backward of `p` by the chunked passes (on any device), given
+/// the engine's forced accumulation `accum` (`Settings::accum`): wherever the chunked algorithm
+/// supports `p` (a scalar gate), unless atomics were asked for by name (the chunked passes use none:
+/// they are bitwise repeatable with scratch bounded by the window budget).
+///
+/// Measured on an H100 (docs/PERF.md, 2026-11-22, run R26), bf16 forward + backward: the chunked
+/// passes beat the recurrent kernel with f32 atomics at every shape of the sweep, B = 1..16 and
+/// T = 256..4096, by 2.0x (B=1 T=256: 0.66 against 1.35 ms) to 2.9x (B=1 T=4096: 7.23 against
+/// 21.2 ms). The per-key gate has no chunked form and stays on the recurrent kernel.
+pub fn auto_chunked_backward(p: &Problem, accum: Option<Accum>) -> bool {
+    super::chunked_unsupported(p).is_none() && accum.is_none_or(|a| a == Accum::Deterministic)
 }
 
 impl Engine {
@@ -141,7 +143,7 @@ impl Engine {
         let auto_every = self.settings.checkpoint_every.is_none_or(|e| e == super::AUTO_CHUNK as usize);
         let chunked = match super::plan(&p, &self.gpu.caps)? {
             Plan::Chunked { chunk } if p.algorithm != Algorithm::Auto => Some(chunk as usize),
-            _ if p.algorithm == Algorithm::Auto && auto_chunked_backward(&p) && auto_every => {
+            _ if p.algorithm == Algorithm::Auto && auto_chunked_backward(&p, self.settings.accum) && auto_every => {
                 Some(super::AUTO_CHUNK as usize)
             }
             _ => None,
