@@ -7,7 +7,7 @@
 //
 // Grid: (HV * V / BVO, local chunks on y/z).
 // Tiling: the causal, decay-masked P = Q K^T ∘ Γ (C x C) is built first, each thread owning a 4x4
-// block in registers (K-slices of q and k staged transposed in workgroup memory as vec4 over rows),
+// block in registers (qk_block, chunk_qk.wgsl: K-slices of q and k staged transposed as vec4 over rows),
 // then kept transposed in workgroup memory. The output tile is one product over K + C terms,
 //     o[:, tile] = [exp(gc) ∘ Q | P] [S[:, tile] ; v_new[:, tile]]
 // taken in slices of BS terms; each thread accumulates 4 rows x 4 columns with two vec4 reads of
@@ -22,36 +22,10 @@
 @group(0) @binding(6) var<storage, read> vn: array<f32>;
 @group(0) @binding(7) var<storage, read_write> o: array<f32>;
 
-const BS: u32 = 16u;   // contraction slice
-const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BVO / 4 <= 16, plus one
-
-var<workgroup> lq: array<vec4<f32>, 272>;   // left slice, [kk][i / 4] at kk * CP + i / 4
-var<workgroup> rk: array<vec4<f32>, 272>;   // right slice, [kk][c / 4] (k rows for P, else S / v_new)
 var<workgroup> pt: array<vec4<f32>, 1088>;  // P^T, [j][i / 4] at j * CP + i / 4
-var<workgroup> gcs: array<f32, 64>;         // gc of the chunk's rows (0 past its end)
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
-
-// A thread's share of one slice: up to 4 left values (C x BS / WG) and 4 right values
-// (C x BS / WG for k, BS x BVO / WG for S or v_new).
-struct Slice {
-    l: array<f32, 4>,
-    r: array<f32, 4>,
-}
-
-// Slice m0 of q and k for P = Q K^T (rows past the chunk's end 0).
-fn fetch_qk(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> Slice {
-    var f: Slice;
-    for (var x = 0u; x < CH * BS / WG; x++) {
-        let e = lid + WG * x;
-        let i = e / BS;
-        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + m0 + e % BS;
-        f.l[x] = select(0.0, ld_q(at), i < ch.y);
-        f.r[x] = select(0.0, ld_k(at), i < ch.y);
-    }
-    return f;
-}
 
 // Slice s0 of [exp(gc) ∘ Q | P] [S ; v_new]: below K, q (scaled later) and rows of S; past K, rows
 // of v_new (the left side is P, already in workgroup memory).
@@ -97,27 +71,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q4 = CH / 4u;
     let ti = lid / q4;
     let tj = lid % q4;
-    var pacc: array<vec4<f32>, 4>;
-    var nx = fetch_qk(0u, lid, ch, hk);
-    for (var m0 = 0u; m0 < K; m0 += BS) {
-        workgroupBarrier();
-        for (var x = 0u; x < CH * BS / WG; x++) {
-            let e = lid + WG * x;
-            let i = e / BS;
-            let kk = e % BS;
-            lq[kk * CP + i / 4u][i % 4u] = nx.l[x];
-            rk[kk * CP + i / 4u][i % 4u] = nx.r[x];
-        }
-        workgroupBarrier();
-        if (m0 + BS < K) {
-            nx = fetch_qk(m0 + BS, lid, ch, hk);
-        }
-        if (ti < q4) {
-            for (var kk = 0u; kk < BS; kk++) {
-                outer4(&pacc, lq[kk * CP + ti], rk[kk * CP + tj]);
-            }
-        }
-    }
+    let pacc = qk_block(lid, ch, hk);
     if (ti < q4) {
         for (var a = 0u; a < 4u; a++) {
             let i = ti * 4u + a;

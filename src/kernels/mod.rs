@@ -34,6 +34,7 @@ pub mod src {
     pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
     pub const CHUNK_PACK16: &str = include_str!("../../wgsl/chunk_pack16.wgsl");
     pub const CHUNK_STATE_COMMON: &str = include_str!("../../wgsl/chunk_state_common.wgsl");
+    pub const CHUNK_QK: &str = include_str!("../../wgsl/chunk_qk.wgsl");
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
@@ -304,6 +305,9 @@ pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: 
     }
     if kernel.chunk_bwd() {
         s.push_str(src::CHUNK_BWD_COMMON);
+    }
+    if matches!(kernel, Kernel::ChunkOutput | Kernel::ChunkBwdLocal) {
+        s.push_str(src::CHUNK_QK);
     }
     if kernel.accumulates() {
         s.push_str(match accum.unwrap_or(Accum::CasLoop) {
