@@ -11,7 +11,7 @@ use wgdelta::{Algorithm, DType, Dims, Engine, GateSpace, Gpu, Options, Problem, 
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// Which sweep: decode, prefill, chunked, crossover, train, train-crossover, all.
+    /// Which sweep: decode, prefill, chunked, crossover, train, train-step, train-crossover, all.
     #[arg(long, default_value = "all")]
     pub preset: String,
     /// Timed runs per case (after warm-up).
@@ -113,6 +113,10 @@ fn preset(name: &str) -> Vec<Case> {
             }
             v.push(f(Mode::Train, b, t, DType::BF16, Chunked { chunk: 64 }));
         }
+    }
+    if name == "train-step" {
+        // One chunked training step at B=1, pass by pass (quick, for work on single passes).
+        v.push(f(Mode::Train, 1, 4096, DType::BF16, Chunked { chunk: 64 }));
     }
     if name == "train-crossover" {
         // Where the chunked backward overtakes the recurrent one (Auto's backward rule).
