@@ -20,9 +20,3 @@ override HAS_DHT: bool = false;
 
 // The passes that read do define `ld_do(i, row)`: element i of do, zero when row `row` is masked
 // (its output row was dropped, so it has no gradient).
-
-// Offset of the saved state at the start of local chunk lc (sequence `seq`), value head hv: the
-// saved states are the training forward's h (chunk_common.wgsl), each window binding its slice.
-fn ck_base(lc: u32, seq: u32, hv: u32) -> u32 {
-    return h_base(lc, hv);
-}

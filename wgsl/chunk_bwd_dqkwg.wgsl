@@ -244,7 +244,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         gcs[lid] = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
     }
     let gl = gc[hb + ch.y - 1u];
-    let cx = Ctx(lid, ch, hv, hv / GROUP, hb, ck_base(lc, ch.z, hv), (lc * HV + hv) * K * V);
+    let cx = Ctx(lid, ch, hv, hv / GROUP, hb, h_base(lc, hv), (lc * HV + hv) * K * V);
 
     let q4 = CH / 4u;
     let ti = lid / q4;                  // D: rows ti*4 .. +4, columns tj*4 .. +4

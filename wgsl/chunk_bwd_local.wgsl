@@ -91,7 +91,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let tc = lid % (BVO / 4u);
     let tr = lid / (BVO / 4u);
     let in_tile = tr < q4;
-    let hs = ck_base(lc, ch.z, hv);
+    let hs = h_base(lc, hv); // the saved state at the chunk's start (its window slice of ck)
     for (var c0 = 0u; c0 < V; c0 += BVO) {
         var vacc: array<vec4<f32>, 4>;
         var dacc: array<vec4<f32>, 4>;
