@@ -12,7 +12,7 @@
 // Grid: (HV * V / BV, sequences on y/z): sequential over chunks, parallel over sequences, heads and
 // tiles of BV value columns. The K x BV tile of dS and the chunk's do and dvn tiles (C x BV each)
 // live in workgroup memory; the chunk's k, q and w go through a staging area in slices (coalesced
-// global reads, bf16/f16 decoded once), so the inner loops read only workgroup memory and registers:
+// global reads, two elements a load, bf16/f16 decoded once), so the inner loops read only workgroup memory and registers:
 //   dvn: thread (row i, column group) accumulates 4 columns of row i over K, KS columns of k at a time;
 //   dS:  thread (row group, column group) owns RM rows x 4 columns of dS in registers and sums over
 //        the chunk's rows, IS rows of q (pre-scaled) and of w at a time.
@@ -40,10 +40,10 @@ override STGN: u32 = 4u * WSM - STG0;           // staging floats (K <= 256, C <
 // k slice columns: 32 where K allows and C rows of 33 fit, else 16 (row stride KS + 1: no bank conflicts)
 override KS: u32 = 16u + 16u * ((16u - K % 32u) / 16u) * min(1u, STGN / (CH * 33u));
 override NKS: u32 = K / KS;                     // k slices
-override NKX: u32 = CH * KS / WG;               // k elements per thread per slice (<= 8)
+override NKP: u32 = (CH * KS / 2u + WG - 1u) / WG; // k pairs per thread per slice (<= 4)
 override IS: u32 = min(CH, min(STGN, 3072u) / (2u * K)); // q/w slice rows (>= 2)
 override NQS: u32 = (CH + IS - 1u) / IS;        // q/w slices (the last may be partial)
-override NQX: u32 = (2u * IS * K + WG - 1u) / WG; // q/w elements per thread per slice (<= 12)
+override NQP: u32 = (IS * K + WG - 1u) / WG;     // q/w pairs per thread per slice (<= 6)
 
 var<workgroup> wsm: array<vec4<f32>, WSM>;     // dS [m * BV4 + c / 4] | do, dvn rows | staging
 var<workgroup> seq_range: vec3<u32>;
@@ -58,39 +58,53 @@ fn stg(i: u32) -> f32 {
     return wsm[a / 4u][a % 4u];
 }
 
-fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_of(DO_DT, i)], i), live(row)); }
 
-// This thread's share of k slice `sl` (C x KS, rows past len 0).
-fn fetch_k(sl: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<f32, 8> {
-    var f: array<f32, 8>;
-    for (var x = 0u; x < NKX; x++) {
-        let e = lid + WG * x;
+// Elements i and i + 1 (i even) of q or k: one word for f16/bf16, so a slice takes half the loads.
+fn ld2(from_q: bool, i: u32) -> vec2<f32> {
+    if (QKV_DT == DT_F32) {
+        if (from_q) {
+            return vec2<f32>(bitcast<f32>(q[i]), bitcast<f32>(q[i + 1u]));
+        }
+        return vec2<f32>(bitcast<f32>(k[i]), bitcast<f32>(k[i + 1u]));
+    }
+    let wd = select(k[i / 2u], q[i / 2u], from_q);
+    return vec2<f32>(decode(QKV_DT, wd, i), decode(QKV_DT, wd, i + 1u));
+}
+
+// This thread's pairs of k slice `sl` (C x KS, rows past len 0): pair x is elements 2 (lid + WG x)
+// and the next, in one row (KS is even).
+fn fetch_k(sl: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<vec2<f32>, 4> {
+    var f: array<vec2<f32>, 4>;
+    for (var x = 0u; x < NKP; x++) {
+        let e = 2u * (lid + WG * x);
         let i = e / KS;
-        f[x] = select(0.0, ld_k(((ch.x + min(i, ch.y - 1u)) * H + hk) * K + sl * KS + e % KS), i < ch.y);
+        let ok = e < CH * KS && i < ch.y;
+        let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + sl * KS + e % KS;
+        f[x] = select(vec2<f32>(0.0), ld2(false, at), ok);
     }
     return f;
 }
 
-// This thread's share of q/w slice `sl`: rows i0 .. i0 + IS of scale exp(gc) q, then of w (rows
-// past len 0), at [ii * K + m] and [(IS + ii) * K + m].
-fn fetch_qw(sl: u32, lid: u32, ch: vec3<u32>, hk: u32, hb: u32) -> array<f32, 12> {
-    var f: array<f32, 12>;
-    for (var x = 0u; x < NQX; x++) {
-        let e = lid + WG * x;
+// This thread's pairs of q/w slice `sl`: rows i0 .. i0 + IS of scale exp(gc) q, then of w (rows
+// past len 0), at [ii * K + m] and [(IS + ii) * K + m]; a pair never straddles a row (K is even).
+fn fetch_qw(sl: u32, lid: u32, ch: vec3<u32>, hk: u32, hb: u32) -> array<vec2<f32>, 6> {
+    var f: array<vec2<f32>, 6>;
+    for (var x = 0u; x < NQP; x++) {
+        let e = 2u * (lid + WG * x);
         let half = e / (IS * K);
         let i = sl * IS + (e % (IS * K)) / K;
         let m = e % K;
         let ok = e < 2u * IS * K && i < ch.y;
         let ic = min(i, ch.y - 1u);
-        var val = 0.0;
+        var val = vec2<f32>(0.0);
         if (half == 0u) {
-            val = P.scale * exp(gc[hb + ic]) * ld_q(((ch.x + ic) * H + hk) * K + m);
+            val = P.scale * exp(gc[hb + ic]) * ld2(true, ((ch.x + ic) * H + hk) * K + m);
         } else {
-            val = w[(hb + ic) * K + m];
+            let at = (hb + ic) * K + m;
+            val = vec2<f32>(w[at], w[at + 1u]);
         }
-        f[x] = select(0.0, val, ok);
+        f[x] = select(vec2<f32>(0.0), val, ok);
     }
     return f;
 }
@@ -128,8 +142,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let vi = lid / BV4;                  // dvn row (rows >= C idle); also the dS update's row group
     let rm = (K * BV4 + WG - 1u) / WG;   // dS rows per thread: ceil(K / (WG / BV4)) <= 4
     let kmax = K - 1u;
-    var nk: array<f32, 8>;
-    var nq: array<f32, 12>;
+    var nk: array<vec2<f32>, 4>;
+    var nq: array<vec2<f32>, 6>;
     if (r.y > r.x) {
         nk = fetch_k(0u, lid, chunk_at(r.y - 1u), hk);
     }
@@ -148,9 +162,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var acc = vec4<f32>(0.0);
         for (var sl = 0u; sl < NKS; sl++) {
             workgroupBarrier();
-            for (var x = 0u; x < NKX; x++) {
-                let e = lid + WG * x;
-                stg_set((e / KS) * (KS + 1u) + e % KS, nk[x]);
+            for (var x = 0u; x < NKP; x++) {
+                let e = 2u * (lid + WG * x);
+                if (e < CH * KS) {
+                    let at = (e / KS) * (KS + 1u) + e % KS;
+                    stg_set(at, nk[x].x);
+                    stg_set(at + 1u, nk[x].y);
+                }
             }
             workgroupBarrier();
             if (sl + 1u < NKS) {
@@ -190,10 +208,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         for (var sl = 0u; sl < NQS; sl++) {
             workgroupBarrier();
-            for (var x = 0u; x < NQX; x++) {
-                let e = lid + WG * x;
+            for (var x = 0u; x < NQP; x++) {
+                let e = 2u * (lid + WG * x);
                 if (e < 2u * IS * K) {
-                    stg_set(e, nq[x]);
+                    stg_set(e, nq[x].x);
+                    stg_set(e + 1u, nq[x].y);
                 }
             }
             workgroupBarrier();
