@@ -6,9 +6,8 @@ use crate::error::Result;
 use crate::graph::{PassGraph, PassTime, PendingTimes, Pool, Profile, Recorded};
 use crate::kernels::recurrent::Tiles;
 use crate::kernels::{Accum, KernelCache};
-use crate::problem::DType;
-use crate::tensor::{HostTensor, Tensor};
-use std::sync::Mutex;
+use crate::tensor::{HostTensor, Recycler, Tensor};
+use std::sync::{Arc, Mutex};
 
 /// Settings that change how (not what) the engine computes. Defaults suit production.
 #[derive(Clone, Debug, Default)]
@@ -36,6 +35,8 @@ pub struct Engine {
     pub(crate) gpu: Gpu,
     pub(crate) kernels: KernelCache,
     pub(crate) pool: Pool,
+    /// Buffers of dropped results, for the next results of the same size.
+    pub(crate) recycler: Arc<Recycler>,
     pub(crate) settings: Settings,
     /// Bound where a kernel's read-only slot is unused by this specialisation.
     pub(crate) dummy_read: wgpu::Buffer,
@@ -80,6 +81,7 @@ impl Engine {
             gpu,
             kernels: KernelCache::default(),
             pool: Pool::default(),
+            recycler: Arc::default(),
             settings,
             dummy_read,
             dummy_write,
@@ -117,6 +119,17 @@ impl Engine {
     /// Bytes of scratch memory the engine holds now and at its peak.
     pub fn scratch_bytes(&self) -> (u64, u64) {
         self.pool.bytes()
+    }
+
+    /// Bytes of device memory held for reuse: the buffers of results (outputs, gradients, saved
+    /// states) whose tensors were dropped, kept for the next results of the same size.
+    pub fn recycled_bytes(&self) -> u64 {
+        self.recycler.bytes()
+    }
+
+    /// Frees the buffers held for reuse ([`Engine::recycled_bytes`]).
+    pub fn free_recycled(&self) {
+        self.recycler.clear();
     }
 
     /// Uploads a host tensor.
@@ -235,7 +248,12 @@ impl Engine {
 
     /// A new f32 output tensor; NaN-filled when poisoning is on.
     pub(crate) fn output(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.gpu.empty(name, shape, DType::F32)?;
+        self.output_with(name, shape, false)
+    }
+
+    /// [`Engine::output`]; `sliced`: bounded by one buffer, not one binding ([`Gpu::empty_sliced`]).
+    pub(crate) fn output_with(&self, name: &str, shape: &[usize], sliced: bool) -> Result<Tensor> {
+        let t = self.gpu.empty_recycled(name, shape, sliced, &self.recycler)?;
         if self.poison() {
             let words = (crate::tensor::padded(t.byte_len()) / 4) as usize;
             let nan = vec![u32::MAX; words];

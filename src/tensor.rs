@@ -7,6 +7,7 @@ use half::{bf16, f16};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
 
 /// A tensor in host memory: little-endian bytes with a shape and dtype.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,11 +103,76 @@ impl HostTensor {
 
 /// A tensor on the device: a storage buffer with shape and dtype. Its buffer is padded to whole
 /// 32-bit words; 16-bit data is read in WGSL as packed words.
+///
+/// Clones share the buffer. The results an [`crate::Engine`] returns give their buffer back to the
+/// engine when the last clone is dropped, for its next results of the same size (see [`Recycler`]).
 #[derive(Clone, Debug)]
 pub struct Tensor {
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) shape: Vec<usize>,
     pub(crate) dtype: DType,
+    /// Set on engine results: returns the buffer to the engine's recycler on the last drop.
+    pub(crate) recycle: Option<Arc<GiveBack>>,
+}
+
+/// The buffers of an engine's dropped results, kept for its next results of the same size.
+///
+/// Fresh device memory is expensive to get: on the H100 through Vulkan a call's wall time grew by
+/// about 20 ms per GiB of new results (docs/PERF.md, R22: the chunked forward at B=8 T=8192 takes
+/// 23 ms of GPU time and 47 ms of wall time, its output being 1 GiB), so a training loop that drops
+/// each step's results would pay that every step. At most [`Recycler::KEEP`] buffers are kept
+/// (oldest dropped first); a recycled buffer holds stale data, so only results every element of
+/// which the passes write are recycled (the test suite poisons them to check that).
+#[derive(Debug, Default)]
+pub(crate) struct Recycler {
+    free: Mutex<Vec<wgpu::Buffer>>,
+}
+
+impl Recycler {
+    pub(crate) const KEEP: usize = 16;
+
+    /// A kept buffer of exactly `size` bytes, if there is one.
+    fn take(&self, size: u64) -> Option<wgpu::Buffer> {
+        let mut free = self.free.lock().ok()?;
+        let i = free.iter().position(|b| b.size() == size)?;
+        Some(free.remove(i))
+    }
+
+    fn keep(&self, b: wgpu::Buffer) {
+        if let Ok(mut free) = self.free.lock() {
+            if free.len() == Self::KEEP {
+                free.remove(0);
+            }
+            free.push(b);
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        if let Ok(mut free) = self.free.lock() {
+            free.clear();
+        }
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.free.lock().map(|f| f.iter().map(|b| b.size()).sum()).unwrap_or(0)
+    }
+}
+
+/// Gives a result's buffer back to its engine's [`Recycler`] when the last clone of the tensor is
+/// dropped (the engine may be gone: then the buffer is simply freed).
+#[derive(Debug)]
+pub(crate) struct GiveBack {
+    buffer: wgpu::Buffer,
+    to: Weak<Recycler>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Some(r) = self.to.upgrade() {
+            r.keep(self.buffer.clone());
+        }
+    }
 }
 
 /// Buffer size for `bytes` of data: whole words, at least one.
@@ -171,6 +237,27 @@ impl Gpu {
         self.alloc(name, shape, dtype, bytes)
     }
 
+    /// [`Gpu::empty`] (`sliced`: [`Gpu::empty_sliced`]) for a result every element of which the
+    /// passes write: a buffer of the same size from `recycler` when it has one, which goes back
+    /// there when the tensor's last clone is dropped.
+    pub(crate) fn empty_recycled(
+        &self,
+        name: &str,
+        shape: &[usize],
+        sliced: bool,
+        recycler: &Arc<Recycler>,
+    ) -> Result<Tensor> {
+        let dtype = DType::F32;
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        let mut t = match recycler.take(padded(bytes)) {
+            Some(buffer) => Tensor { buffer, shape: shape.to_vec(), dtype, recycle: None },
+            None if sliced => self.empty_sliced(name, shape, dtype)?,
+            None => self.empty(name, shape, dtype)?,
+        };
+        t.recycle = Some(Arc::new(GiveBack { buffer: t.buffer.clone(), to: Arc::downgrade(recycler) }));
+        Ok(t)
+    }
+
     /// Creates a device tensor that kernels only ever bind in slices (the saved states of a long
     /// chunked forward, one window at a time): bounded by one buffer, not by one binding.
     pub(crate) fn empty_sliced(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -195,7 +282,7 @@ impl Gpu {
                 mapped_at_creation: false,
             })
         })?;
-        Ok(Tensor { buffer, shape: shape.to_vec(), dtype })
+        Ok(Tensor { buffer, shape: shape.to_vec(), dtype, recycle: None })
     }
 
     /// Copies a host tensor to the device.

@@ -597,3 +597,29 @@ fn auto_backward_is_chunked_for_a_scalar_gate() {
         assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), None, "{}", b.c.label());
     }
 }
+
+/// A training loop that drops each step's results gets their buffers back for the next step
+/// (fresh device memory is slow to get), and the recycled buffers hold correct results.
+#[test]
+fn training_steps_recycle_their_results() {
+    // An engine of its own: the shared ones recycle for the tests running beside this one.
+    let e = &engine_with(Accum::F32Atomic, None, false);
+    let c = chunked(Case { h0: true, ..Case::new(2, 100, 2, 4, 32, 32) }, 32);
+    let b = bcase(c, true);
+    let d = b.c.data();
+    let (d_o, dht) = upstream(&b);
+    let mut kept = Vec::new();
+    for step in 0..3 {
+        {
+            let (g, _) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
+            assert!(g.iter().all(|(_, x)| x.iter().all(|v| v.is_finite())), "step {step}");
+        }
+        kept.push(e.recycled_bytes());
+        check_backward(e, &b);
+    }
+    println!("bytes kept for reuse after each step: {kept:?}");
+    assert!(kept[0] > 0, "dropped results must be kept");
+    assert_eq!(kept[1], kept[0], "the second step must reuse them, not add to them");
+    e.free_recycled();
+    assert_eq!(e.recycled_bytes(), 0);
+}

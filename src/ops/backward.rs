@@ -164,7 +164,8 @@ impl Engine {
         }
         let (ck, out) = if let Some(c) = chunked {
             let g = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(c)).sum();
-            let ck = self.gpu.empty_sliced("wgdelta.checkpoints", &[g, d.hv, d.k, d.v], DType::F32)?;
+            // Every slot is written by the forward, so the buffer may be a recycled one.
+            let ck = self.output_with("wgdelta.checkpoints", &[g, d.hv, d.k, d.v], true)?;
             let out = super::chunked::forward(self, &p, x, c as u32, Some(&ck.buffer))?;
             (ck, out)
         } else {
