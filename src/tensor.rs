@@ -197,7 +197,9 @@ impl Tensor {
     pub fn byte_len(&self) -> u64 {
         (self.numel() * self.dtype.size()) as u64
     }
-    /// The underlying wgpu buffer, for callers that share buffers with their own pipelines.
+    /// The underlying wgpu buffer, for callers that share buffers with their own pipelines. Use it
+    /// only while this tensor (or a clone) lives: an engine result's buffer is reused for the
+    /// engine's later results once its last clone is dropped.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
