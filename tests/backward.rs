@@ -148,7 +148,7 @@ fn check_backward(e: &Engine, b: &BCase) -> (GpuGrads, f64) {
         Some(c) => vec![(0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(c as usize)).sum(), hv, k, v],
     };
     assert_eq!(saved.checkpoints().shape(), &shape[..]);
-    let how = match e.backward_chunk(p, &saved).expect("plan") {
+    let how = match saved.chunk() {
         Some(c) => format!("chunked C={c}"),
         None => format!("{:?}", e.backward_accum(p)),
     };
@@ -583,7 +583,7 @@ fn auto_backward_is_chunked_for_a_scalar_gate() {
         let (d_o, dht) = upstream(&b);
         let (g, saved) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
         assert!(g.iter().all(|(_, x)| x.iter().all(|v| v.is_finite())));
-        assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), Some(64), "deterministic {det}");
+        assert_eq!(saved.chunk(), Some(64), "deterministic {det}");
         check_backward(e, &b);
     }
     let forced = cas();
@@ -594,7 +594,7 @@ fn auto_backward_is_chunked_for_a_scalar_gate() {
         let d = b.c.data();
         let (d_o, dht) = upstream(&b);
         let (_, saved) = run_gpu(e, &b, &d, &d_o, dht.as_ref());
-        assert_eq!(e.backward_chunk(saved.problem(), &saved).expect("plan"), None, "{}", b.c.label());
+        assert_eq!(saved.chunk(), None, "{}", b.c.label());
     }
 }
 

@@ -7,7 +7,8 @@
 //
 // Grid: (HV, local chunks on y/z).
 // Tiling as chunk_output.wgsl: P = Q K^T (C x C) first, each thread owning a 4x4 block in registers
-// (qk_block, chunk_qk.wgsl), kept in workgroup memory row by row (vec4 over columns: a row of P is a row of the transposed left operand P^T).
+// (qk_block, chunk_qk.wgsl), kept in workgroup memory (lp) row by row: a row of P is a row of the
+// transposed left operand P^T.
 // Then, per tile of BVO value columns, one product over K + C terms into two 4x4 register blocks:
 //     vn[:, tile]  = u - W h[:, tile]         (terms < K: w and rows of h)
 //     dvn[:, tile] = P^T do[:, tile]          (terms >= K: rows of P and of do)
@@ -22,8 +23,6 @@
 @group(0) @binding(8) var<storage, read> dout: array<u32>;
 @group(0) @binding(9) var<storage, read_write> vn: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dvn: array<f32>;
-
-var<workgroup> pm: array<vec4<f32>, 1088>;  // P, [i][j / 4] at i * CP + j / 4
 
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
@@ -83,7 +82,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     row[b] = P.scale * pacc[a][b] * exp(gcs[i] - gcs[j]);
                 }
             }
-            pm[i * CP + tj] = row;
+            lp[i * CP + tj] = row;
         }
     }
 
@@ -98,31 +97,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var ny = fetch_out(0u, lid, ch, hb, hs, hv, c0);
         for (var s0 = 0u; s0 < K + CH; s0 += BS) {
             workgroupBarrier();
-            if (s0 < K) {
-                for (var x = 0u; x < CH * BS / WG; x++) {
-                    let e = lid + WG * x;
-                    let i = e / BS;
-                    lq[(e % BS) * CP + i / 4u][i % 4u] = ny.l[x];
-                }
-            }
-            for (var x = 0u; x < BS * BVO / WG; x++) {
-                let e = lid + WG * x;
-                let c = e % BVO;
-                rk[(e / BVO) * CP + c / 4u][c % 4u] = ny.r[x];
-            }
+            stage_kc(ny, s0, lid);
             workgroupBarrier();
             if (s0 + BS < K + CH) {
                 ny = fetch_out(s0 + BS, lid, ch, hb, hs, hv, c0);
             }
             if (in_tile) {
                 if (s0 < K) {
-                    for (var kk = 0u; kk < BS; kk++) {
-                        outer4(&vacc, lq[kk * CP + tr], rk[kk * CP + tc]);
-                    }
+                    product_kc(&vacc, s0, tr, tc);
                 } else {
-                    for (var kk = 0u; kk < BS; kk++) {
-                        outer4(&dacc, pm[(s0 - K + kk) * CP + tr], rk[kk * CP + tc]);
-                    }
+                    product_kc(&dacc, s0, tr, tc);
                 }
             }
         }

@@ -21,7 +21,7 @@
 //                   lo .. hi, in time order; first = 1 when they begin at the sequence's first chunk
 //                   (its state then comes from h0), 0 when from the carried state of an earlier window
 //   at P.mask_off:  mask bytes, packed four to a word (HAS_MASK)
-//   at P.blk_off:   per local chunk, its slot in the window's states h [slots, HV, K, V] (its rank in
+//   at P.slot_off:  per local chunk, its slot in the window's states h [slots, HV, K, V] (its rank in
 //                   position-major order, see `state_slots` in src/ops/chunked.rs): the windows' states
 //                   laid end to end are one canonical [G, HV, K, V], so a training forward writes them
 //                   straight into the saved states (each window binding its slice) and the backward
@@ -37,7 +37,7 @@ struct Params {
     n_seqs: u32,
     wg_per_row: u32, // workgroups along y before z takes over (grid limit)
     scale: f32,
-    blk_off: u32,    // per local chunk, its state slot
+    slot_off: u32,   // per local chunk, its state slot
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -88,11 +88,18 @@ fn s_off(i: u32, j: u32) -> u32 {
     return select(i * V + j, j * K + i, LAYOUT_VK);
 }
 
-// (lo, hi, flag) of sequence n in this window (flag: first chunk, or for a
-// backward last chunk, in this window; see above).
-fn seq_range_of(n: u32) -> vec3<u32> {
-    let b = P.seq_off + 3u * n;
-    return vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+var<workgroup> seq_range: vec3<u32>;
+
+// (lo, hi, flag) of sequence n in this window (flag: first chunk, or for a backward last chunk, in
+// this window; see above), as a value uniform over the workgroup: the state walks loop over it
+// around barriers, and a storage read is not uniform to WGSL's analysis. Call in uniform control
+// flow (n is the workgroup's).
+fn seq_range_of(n: u32, lid: u32) -> vec3<u32> {
+    if (lid == 0u) {
+        let b = P.seq_off + 3u * n;
+        seq_range = vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
+    }
+    return workgroupUniformLoad(&seq_range);
 }
 
 // The 4x4 register-block product of the tiled passes: a (4 rows) x b (4 columns), accumulated into acc.
@@ -105,7 +112,7 @@ fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
 
 // Offset of the state at the start of local chunk lc, value head hv, in the window's states h.
 fn h_base(lc: u32, hv: u32) -> u32 {
-    return (info[P.blk_off + lc] * HV + hv) * K * V;
+    return (info[P.slot_off + lc] * HV + hv) * K * V;
 }
 
 // Index of the local chunk of the workgroup on the y/z axes of the grid.

@@ -22,13 +22,11 @@
 @group(0) @binding(6) var<storage, read> vn: array<f32>;
 @group(0) @binding(7) var<storage, read_write> o: array<f32>;
 
-var<workgroup> pt: array<vec4<f32>, 1088>;  // P^T, [j][i / 4] at j * CP + i / 4
-
 fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
 fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
-// Slice s0 of [exp(gc) ∘ Q | P] [S ; v_new]: below K, q (scaled later) and rows of S; past K, rows
-// of v_new (the left side is P, already in workgroup memory).
+// Slice s0 of [exp(gc) ∘ Q | P] [S ; v_new]: below K, exp(gc) ∘ q and rows of S; past K, rows of
+// v_new (the left side is P, already in workgroup memory).
 fn fetch_out(s0: u32, lid: u32, ch: vec3<u32>, hk: u32, sb: u32, vb: u32) -> Slice {
     var f: Slice;
     if (s0 < K) {
@@ -36,7 +34,7 @@ fn fetch_out(s0: u32, lid: u32, ch: vec3<u32>, hk: u32, sb: u32, vb: u32) -> Sli
             let e = lid + WG * x;
             let i = e / BS;
             let at = ((ch.x + min(i, ch.y - 1u)) * H + hk) * K + s0 + e % BS;
-            f.l[x] = select(0.0, ld_q(at), i < ch.y);
+            f.l[x] = select(0.0, exp(gcs[i]) * ld_q(at), i < ch.y);
         }
         for (var x = 0u; x < BS * BVO / WG; x++) {
             let e = lid + WG * x;
@@ -81,7 +79,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 if (j <= i && i < ch.y) {
                     val = pacc[a][b] * exp(gcs[i] - gcs[j]);
                 }
-                pt[j * CP + ti][a] = val;
+                lp[j * CP + ti][a] = val;
             }
         }
     }
@@ -96,32 +94,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var ny = fetch_out(0u, lid, ch, hk, sb, vb);
     for (var s0 = 0u; s0 < K + CH; s0 += BS) {
         workgroupBarrier();
-        if (s0 < K) {
-            for (var x = 0u; x < CH * BS / WG; x++) {
-                let e = lid + WG * x;
-                let i = e / BS;
-                lq[(e % BS) * CP + i / 4u][i % 4u] = exp(gcs[i]) * ny.l[x];
-            }
-        }
-        for (var x = 0u; x < BS * BVO / WG; x++) {
-            let e = lid + WG * x;
-            let c = e % BVO;
-            rk[(e / BVO) * CP + c / 4u][c % 4u] = ny.r[x];
-        }
+        stage_kc(ny, s0, lid);
         workgroupBarrier();
         if (s0 + BS < K + CH) {
             ny = fetch_out(s0 + BS, lid, ch, hk, sb, vb);
         }
         if (in_tile) {
-            if (s0 < K) {
-                for (var kk = 0u; kk < BS; kk++) {
-                    outer4(&acc, lq[kk * CP + tr], rk[kk * CP + tc]);
-                }
-            } else {
-                for (var kk = 0u; kk < BS; kk++) {
-                    outer4(&acc, pt[(s0 - K + kk) * CP + tr], rk[kk * CP + tc]);
-                }
-            }
+            product_kc(&acc, s0, tr, tc);
         }
     }
     if (in_tile) {

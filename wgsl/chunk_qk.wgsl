@@ -1,7 +1,8 @@
-// chunk_qk.wgsl — the chunk's query-key product, shared by the passes that need the causal
-// P = scale exp(gc_i - gc_j) q_i . k_j (chunk_output.wgsl, chunk_bwd_local.wgsl): its slices, its
-// staging arrays (reused by those passes for their own products afterwards) and the 4x4 blocks of
-// Q K^T. Each pass binds q and k at 2 and 3 and defines ld_q, ld_k.
+// chunk_qk.wgsl — shared by the two passes that build the chunk's causal
+// P = scale exp(gc_i - gc_j) q_i . k_j and then take one product over K + C terms with it
+// (chunk_output.wgsl, chunk_bwd_local.wgsl): the 4x4 blocks of Q K^T, the slices and staging
+// arrays, and the K + C product's staging and slice step. Each pass binds q and k at 2 and 3 and
+// defines ld_q, ld_k, and its own fetch of the K + C product's slices.
 //
 // Q K^T (C x C): thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4 (threads ti >= C/4 idle).
 // K-slices of BS columns of q and k are staged transposed as vec4 over rows, rows padded by one
@@ -14,6 +15,9 @@ const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BVO / 4
 var<workgroup> lq: array<vec4<f32>, 272>;   // left slice, [kk][i / 4] at kk * CP + i / 4
 var<workgroup> rk: array<vec4<f32>, 272>;   // right slice, [kk][c / 4]
 var<workgroup> gcs: array<f32, 64>;         // gc of the chunk's rows (0 past its end)
+// The K + C product's left operand past K, kept whole: term t, rows r .. r + 4 at t * CP + r / 4
+// (chunk_output: P^T, so the terms are P's columns; chunk_bwd_local: P, for P^T do).
+var<workgroup> lp: array<vec4<f32>, 1088>;
 
 // A thread's share of one slice: up to 4 left values (C x BS / WG) and 4 right values
 // (C x BS / WG for k; BS x BVO / WG for the passes' own right operands).
@@ -62,4 +66,35 @@ fn qk_block(lid: u32, ch: vec3<u32>, hk: u32) -> array<vec4<f32>, 4> {
         }
     }
     return pacc;
+}
+
+// Stages slice s0 (BS terms) of a K + C product: below K this thread's share of the left slice
+// (C rows, transposed like Q K^T's), and always its share of the right slice (BS x BVO).
+fn stage_kc(f: Slice, s0: u32, lid: u32) {
+    if (s0 < K) {
+        for (var x = 0u; x < CH * BS / WG; x++) {
+            let e = lid + WG * x;
+            let i = e / BS;
+            lq[(e % BS) * CP + i / 4u][i % 4u] = f.l[x];
+        }
+    }
+    for (var x = 0u; x < BS * BVO / WG; x++) {
+        let e = lid + WG * x;
+        let c = e % BVO;
+        rk[(e / BVO) * CP + c / 4u][c % 4u] = f.r[x];
+    }
+}
+
+// acc += the staged slice s0 times this thread's block (rows tr*4 .. +4, columns tc*4 .. +4): the
+// left operand from lq below K, from lp past it.
+fn product_kc(acc: ptr<function, array<vec4<f32>, 4>>, s0: u32, tr: u32, tc: u32) {
+    if (s0 < K) {
+        for (var kk = 0u; kk < BS; kk++) {
+            outer4(acc, lq[kk * CP + tr], rk[kk * CP + tc]);
+        }
+    } else {
+        for (var kk = 0u; kk < BS; kk++) {
+            outer4(acc, lp[(s0 - K + kk) * CP + tr], rk[kk * CP + tc]);
+        }
+    }
 }

@@ -129,7 +129,7 @@ pub struct Params {
     pub wg_per_row: u32,
     pub scale: f32,
     /// Offset of the per-chunk state slots in the chunk table.
-    pub blk_off: u32,
+    pub slot_off: u32,
     pub _pad: [u32; 4],
 }
 

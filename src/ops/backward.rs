@@ -57,7 +57,10 @@ impl Saved {
         self.every
     }
     /// The chunk size, when the chunked forward saved the states: the backward then runs the
-    /// chunked passes; otherwise the recurrent kernel.
+    /// chunked passes; otherwise the recurrent kernel. [`Engine::forward_train`] decides:
+    /// `Algorithm::Chunked` asks for the chunked passes, `Recurrent` for the kernel, and `Auto`
+    /// picks chunked where [`auto_chunked_backward`] says so (and no other `checkpoint_every` than
+    /// 64 was set).
     pub fn chunk(&self) -> Option<u32> {
         self.chunk
     }
@@ -193,15 +196,6 @@ impl Engine {
         Ok((out, saved))
     }
 
-    /// The chunk size the backward of `p` runs the chunked passes with, or `None` for the recurrent
-    /// kernel: decided by [`Engine::forward_train`], which saved the states that backward starts
-    /// from ([`Saved::chunk`]). `Algorithm::Chunked` asks for the chunked passes, `Recurrent` for the
-    /// kernel; `Auto` picks chunked where [`auto_chunked_backward`] says so (and no other
-    /// `checkpoint_every` than 64 was set).
-    pub fn backward_chunk(&self, _p: &Problem, saved: &Saved) -> Result<Option<u32>> {
-        Ok(saved.chunk)
-    }
-
     /// The accumulation variant the backward of `p` uses on this engine.
     pub fn backward_accum(&self, p: &Problem) -> Accum {
         match self.settings.accum {
@@ -227,7 +221,7 @@ impl Engine {
             dht: dht.map(Tensor::meta),
         };
         let p = Problem::new(&meta, saved.cu_seqlens.as_deref(), &saved.opts, true)?;
-        if let Some(chunk) = self.backward_chunk(&p, saved)? {
+        if let Some(chunk) = saved.chunk {
             return super::chunked_backward::backward(self, &p, saved, d_o, dht, chunk);
         }
         let d = p.dims;

@@ -45,12 +45,12 @@ pub(crate) fn check_workgroup_memory(caps: &crate::device::Caps) -> Result<()> {
 }
 
 /// The chunk table of every window of one call (layout in `wgsl/chunk_common.wgsl`), then the mask
-/// bytes. For a backward, each sequence's third word flags the window holding its *last* chunk (an
-/// empty sequence: the window walked first, the last), and each window's chunks carry their block
-/// index in their sequence.
+/// bytes. Each window's chunks carry their state slot (`state_slots`). For a backward, each
+/// sequence's third word flags the window holding its *last* chunk (an empty sequence: the window
+/// walked first, the last).
 pub(crate) struct ChunkTable {
     words: Vec<u32>,
-    /// Per window: chunk_off, seq_off, blk_off.
+    /// Per window: chunk_off, seq_off, slot_off.
     offs: Vec<[u32; 3]>,
     mask_off: u32,
 }
@@ -73,9 +73,9 @@ impl ChunkTable {
                 let flag = if backward { u32::from(last_win[s] == wi) } else { r[2] };
                 words.extend([r[0], r[1], flag]);
             }
-            let blk_off = words.len() as u32;
+            let slot_off = words.len() as u32;
             words.extend(state_slots(p, &w.chunks, chunk));
-            offs.push([chunk_off, seq_off, blk_off]);
+            offs.push([chunk_off, seq_off, slot_off]);
         }
         let mask_off = words.len() as u32;
         ChunkTable { words, offs, mask_off }
@@ -95,7 +95,7 @@ impl ChunkTable {
 
     /// The uniform parameters of window `wi`.
     pub(crate) fn params(&self, wi: usize, p: &Problem, wg_per_row: u32) -> Params {
-        let [chunk_off, seq_off, blk_off] = self.offs[wi];
+        let [chunk_off, seq_off, slot_off] = self.offs[wi];
         Params {
             n_local: (seq_off - chunk_off) / 3, // three words per chunk
             chunk_off,
@@ -104,7 +104,7 @@ impl ChunkTable {
             n_seqs: p.n_seqs() as u32,
             wg_per_row,
             scale: p.scale,
-            blk_off,
+            slot_off,
             _pad: [0; 4],
         }
     }

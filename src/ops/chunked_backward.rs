@@ -13,7 +13,7 @@ use super::backward::{Grads, Saved};
 use super::chunked::{check_workgroup_memory, record_chunk_passes, split, window_slice, ChunkTable, STORAGE};
 use super::Inputs;
 use crate::engine::Engine;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::graph::whole;
 use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES};
 use crate::kernels::Kernel;
@@ -21,7 +21,8 @@ use crate::problem::Problem;
 use crate::tensor::Tensor;
 
 /// Gradients of `p` (validated with its upstream gradients) by the chunked passes with chunks of
-/// `chunk` tokens; `saved` holds states every `chunk` tokens.
+/// `chunk` tokens; `saved` holds the chunked forward's states of that chunk size
+/// ([`Saved::chunk`]).
 pub(crate) fn backward(
     eng: &Engine,
     p: &Problem,
@@ -34,16 +35,6 @@ pub(crate) fn backward(
     let c = chunk as usize;
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
-    if saved.chunk() != Some(chunk) {
-        return Err(Error::Unsupported(format!(
-            "the chunked backward with chunk {chunk} starts from the states of the chunked forward with chunk \
-             {chunk}; this forward saved {}",
-            match saved.chunk() {
-                Some(c) => format!("those of chunk {c}"),
-                None => format!("the recurrent kernel's, every {} tokens", saved.every()),
-            }
-        )));
-    }
     check_workgroup_memory(caps)?;
     let spec = ChunkSpec::choose(chunk, d.k, d.v);
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
