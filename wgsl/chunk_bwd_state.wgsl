@@ -46,6 +46,7 @@ override NQS: u32 = (CH + IS - 1u) / IS;        // q/w slices (the last may be p
 override NQP: u32 = (IS * K + WG - 1u) / WG;     // q/w pairs per thread per slice (<= 6)
 
 var<workgroup> wsm: array<vec4<f32>, WSM>;     // dS [m * BV4 + c / 4] | do, dvn rows | staging
+var<workgroup> seq_range: vec3<u32>;
 
 fn stg_set(i: u32, x: f32) {
     let a = STG0 + i;
@@ -118,7 +119,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hv = wid.x / tiles;
     let j0 = (wid.x % tiles) * BV;
     let hk = hv / GROUP;
-    let r = seq_range_of(n, lid);
+    if (lid == 0u) {
+        seq_range = seq_range_of(n);
+    }
+    let r = workgroupUniformLoad(&seq_range);
     if (r.x == r.y && r.z == 0u) {
         return; // no chunk of this sequence in this window
     }

@@ -88,18 +88,14 @@ fn s_off(i: u32, j: u32) -> u32 {
     return select(i * V + j, j * K + i, LAYOUT_VK);
 }
 
-var<workgroup> seq_range: vec3<u32>;
-
 // (lo, hi, flag) of sequence n in this window (flag: first chunk, or for a backward last chunk, in
-// this window; see above), as a value uniform over the workgroup: the state walks loop over it
-// around barriers, and a storage read is not uniform to WGSL's analysis. Call in uniform control
-// flow (n is the workgroup's).
-fn seq_range_of(n: u32, lid: u32) -> vec3<u32> {
-    if (lid == 0u) {
-        let b = P.seq_off + 3u * n;
-        seq_range = vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
-    }
-    return workgroupUniformLoad(&seq_range);
+// this window; see above). The state walks pass it through a workgroup variable and
+// workgroupUniformLoad in their own entry point, because they branch on it around barriers and
+// cooperative-matrix operations. Moving that load into a helper made naga treat the result as
+// non-uniform, and the cooperative-matrix walk then went wrong on the H100 (docs/PERF.md, R36).
+fn seq_range_of(n: u32) -> vec3<u32> {
+    let b = P.seq_off + 3u * n;
+    return vec3<u32>(info[b], info[b + 1u], info[b + 2u]);
 }
 
 // The 4x4 register-block product of the tiled passes: a (4 rows) x b (4 columns), accumulated into acc.

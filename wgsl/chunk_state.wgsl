@@ -33,6 +33,7 @@ var<workgroup> s: array<vec4<f32>, TILE / 4u>;   // S[m, c] at [m * BV / 4 + c /
 var<workgroup> vt: array<vec4<f32>, 256>;       // v_new[i, c] likewise (C * BV <= 1024, host-checked)
 var<workgroup> stg: array<f32, STG>;
 var<workgroup> fac: array<f32, 64>;   // exp(gc_last - gc_i)
+var<workgroup> seq_range: vec3<u32>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -44,7 +45,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hv = wid.x / tiles;
     let j0 = (wid.x % tiles) * BV;
     let hk = hv / GROUP;
-    let r = seq_range_of(n, lid);
+    if (lid == 0u) {
+        seq_range = seq_range_of(n);
+    }
+    let r = workgroupUniformLoad(&seq_range);
     if (r.x == r.y && r.z == 0u) {
         return; // no chunk of this sequence in this window
     }

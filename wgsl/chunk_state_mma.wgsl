@@ -43,6 +43,7 @@ var<workgroup> xs: array<f16, XN>;     // [C][XK]: -w, then K ∘ fac
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
 var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
 var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
+var<workgroup> seq_range: vec3<u32>;
 var<workgroup> sg_count: u32;
 
 // What a step reads from global memory, for one thread: its words of the chunk's -w and K ∘ fac,
@@ -103,7 +104,10 @@ fn main(
     let tiles = V / BV;
     let hv = wid.x / tiles;
     let j0 = (wid.x % tiles) * BV;
-    let r = seq_range_of(n, lid);
+    if (lid == 0u) {
+        seq_range = seq_range_of(n);
+    }
+    let r = workgroupUniformLoad(&seq_range);
     if ((r.x == r.y) & (r.z == 0u)) { // `&`: naga lowers `&&` through a non-uniform local
         return; // no chunk of this sequence in this window
     }
