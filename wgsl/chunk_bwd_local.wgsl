@@ -14,9 +14,7 @@
 //     dvn[:, tile] = P^T do[:, tile]          (terms >= K: rows of P and of do)
 // in slices of BS terms, staged like the first product and fetched one slice ahead.
 
-@group(0) @binding(2) var<storage, read> q: array<u32>;
-@group(0) @binding(3) var<storage, read> k: array<u32>;
-@group(0) @binding(4) var<storage, read> gc: array<f32>;
+// Bindings 2-4 (q, k, gc): chunk_qk.wgsl.
 @group(0) @binding(5) var<storage, read> w: array<f32>;
 @group(0) @binding(6) var<storage, read> u: array<f32>;
 @group(0) @binding(7) var<storage, read> ck: array<f32>;
@@ -24,8 +22,6 @@
 @group(0) @binding(9) var<storage, read_write> vn: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dvn: array<f32>;
 
-fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_of(DO_DT, i)], i), live(row)); }
 
 // Slice s0 of [W | P^T] [h ; do] for value columns c0 .. c0 + BVO: below K, w and rows of h;

@@ -15,15 +15,11 @@
 // staging writes spread over banks. Each slice's global reads are issued one slice ahead into
 // registers (fixed counts, so they all fly at once), so no slice waits on memory.
 
-@group(0) @binding(2) var<storage, read> q: array<u32>;
-@group(0) @binding(3) var<storage, read> k: array<u32>;
-@group(0) @binding(4) var<storage, read> gc: array<f32>;
+// Bindings 2-4 (q, k, gc): chunk_qk.wgsl.
 @group(0) @binding(5) var<storage, read> h: array<f32>;
 @group(0) @binding(6) var<storage, read> vn: array<f32>;
 @group(0) @binding(7) var<storage, read_write> o: array<f32>;
 
-fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
-fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
 // Slice s0 of [exp(gc) ∘ Q | P] [S ; v_new]: below K, exp(gc) ∘ q and rows of S; past K, rows of
 // v_new (the left side is P, already in workgroup memory).

@@ -1,13 +1,20 @@
 // chunk_qk.wgsl — shared by the two passes that build the chunk's causal
 // P = scale exp(gc_i - gc_j) q_i . k_j and then take one product over K + C terms with it
 // (chunk_output.wgsl, chunk_bwd_local.wgsl): the 4x4 blocks of Q K^T, the slices and staging
-// arrays, and the K + C product's staging and slice step. Each pass binds q and k at 2 and 3 and
-// defines ld_q, ld_k, and its own fetch of the K + C product's slices.
+// arrays, and the K + C product's staging and slice step; and their first bindings (q, k, gc at
+// 2-4). Each pass defines its own fetch of the K + C product's slices.
 //
 // Q K^T (C x C): thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4 (threads ti >= C/4 idle).
 // K-slices of BS columns of q and k are staged transposed as vec4 over rows, rows padded by one
 // vec4 (CP) so staging writes spread over banks; each slice's global reads are issued one slice
 // ahead into registers (fixed counts, so they all fly at once).
+
+@group(0) @binding(2) var<storage, read> q: array<u32>;
+@group(0) @binding(3) var<storage, read> k: array<u32>;
+@group(0) @binding(4) var<storage, read> gc: array<f32>;
+
+fn ld_q(i: u32) -> f32 { return decode(QKV_DT, q[word_of(QKV_DT, i)], i); }
+fn ld_k(i: u32) -> f32 { return decode(QKV_DT, k[word_of(QKV_DT, i)], i); }
 
 const BS: u32 = 16u;   // contraction slice
 const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BVO / 4 <= 16, plus one
