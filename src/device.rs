@@ -295,6 +295,11 @@ impl Gpu {
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
+    /// The wgpu device and queue, for tests that probe the adapter with their own shaders.
+    #[doc(hidden)]
+    pub fn raw(&self) -> (&wgpu::Device, &wgpu::Queue) {
+        (&self.device, &self.queue)
+    }
     /// Whether shader modules are created with runtime bounds checks.
     pub fn shader_checks(&self) -> bool {
         self.shader_checks

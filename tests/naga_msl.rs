@@ -130,6 +130,18 @@ fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
             let mut spec = ChunkSpec::choose(chunk, k, v);
             assert!(spec.mma_fits(k, tile, 48 << 10), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
             spec.mma = Some(tile);
+            // The f16 outputs for the cooperative-matrix output pass, with and without the f32 ones;
+            // that pass only where it fits (the whole V a workgroup where that fits, as the forward
+            // picks).
+            let whole = ChunkSpec { bvo: v as u32, ..spec };
+            if whole.output_mma_fits(k, tile, 48 << 10) {
+                spec.bvo = whole.bvo;
+            }
+            spec.out16 = spec.output_mma_fits(k, tile, 48 << 10);
+            spec.keep_f32 = !spec.out16 || i % 2 == 0;
+            if kernel == Kernel::ChunkOutputMma && !spec.out16 {
+                continue;
+            }
             out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
         }
     }
@@ -374,6 +386,14 @@ fn every_kernel_to_msl_and_spirv() {
                 let spv_len = match naga::back::spv::write_vec(&m, &i, &spv_opts, Some(&spv_pipe)) {
                     Ok(words) => {
                         assert_eq!(words.first(), Some(&0x0723_0203), "{name} [{label}]: SPIR-V magic");
+                        // WGDELTA_DUMP_SPIRV=DIR keeps each module for spirv-dis.
+                        if let Ok(dir) = std::env::var("WGDELTA_DUMP_SPIRV") {
+                            let file: String = format!("{name} {label}")
+                                .chars()
+                                .map(|c| if c.is_alphanumeric() { c } else { '_' })
+                                .collect();
+                            std::fs::write(format!("{dir}/{file}.spv"), bytemuck::cast_slice(&words)).expect("dump");
+                        }
                         words.len() * 4
                     }
                     Err(e) => {

@@ -12,6 +12,9 @@
 //   h      [L, HV, K, V]   state at the start of the chunk (kv order)
 //   wk16   [L, HV, 2, C, K] f16, two to a u32 word: -w, then K ∘ exp(gc_last - gc) (rows i >= len
 //                          zero): the operands of chunk_state_mma.wgsl (chunk_pack16.wgsl)
+//   qk16   [L, H, 2, C, K]  f16: q, then k (rows i >= len zero), per key head  } OUT16: operands of
+//   h16    [L, HV, K, V]    f16: h                                               } chunk_output_mma
+//   vn16   [L, HV, C, V]    f16: v_new                                           } .wgsl
 // Inputs keep their own layouts: q, k [rows, H, K], v [rows, HV, V], g, beta [rows, HV] (rows =
 // the flattened [B*T] token axis), o [rows, HV, V] f32, states [N, HV, K, V] (kv) or [N, HV, V, K] (vk).
 //
@@ -63,6 +66,12 @@ override HAS_H0: bool = false;
 override BV: u32 = 16u;      // state pass: value columns per workgroup (divides V)
 override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
 override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
+// The f16 operands of the cooperative-matrix output pass (chunk_output_mma.wgsl): q, k from
+// chunk_pack16.wgsl, S and v_new from chunk_state_mma.wgsl.
+override OUT16: bool = false;
+// chunk_state_mma.wgsl also writes S and v_new in f32 (h, vn): for the SIMT output pass, a training
+// forward's saved states and the stage tests.
+override KEEP_F32: bool = true;
 
 // Workgroup size of every chunked pass.
 const WG: u32 = 256u;

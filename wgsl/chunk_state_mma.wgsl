@@ -1,5 +1,6 @@
 // chunk_state_mma.wgsl — the chunk-to-chunk state walk of chunk_state.wgsl, on cooperative matrices
-// (tensor cores / simdgroup matrices). Same math, bindings, grid and outputs:
+// (tensor cores / simdgroup matrices). Same math, bindings (plus the f16 outputs h16, vn16 of OUT16),
+// grid and outputs:
 //     h[lc]  = S
 //     v_new  = u - w S                                     [C x BV], rows i >= len are 0
 //     S      = exp(gc_last) S + (K ∘ exp(gc_last - gc))^T v_new
@@ -26,6 +27,9 @@
 // Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG, MWG divides C * BV, C * BV / MWG <= 4.
 
 @group(0) @binding(4) var<storage, read> wk: array<vec4<f16>>; // wk16 of chunk_common.wgsl
+// With OUT16, S and v_new in f16 for chunk_output_mma.wgsl (f32 h and vn only with KEEP_F32).
+@group(0) @binding(10) var<storage, read_write> h16: array<f16>;
+@group(0) @binding(11) var<storage, read_write> vn16: array<f16>;
 
 const MWG: u32 = 256u;
 override XK: u32 = K + 8u;         // row stride of xs
@@ -140,8 +144,14 @@ fn main(
         let hbase = h_base(lc, hv) + j0;
         for (var e = lid; e < K * BV; e += MWG) {
             let x = s32[e];
-            h[hbase + (e / BV) * V + e % BV] = x;
+            let at = hbase + (e / BV) * V + e % BV;
+            if (KEEP_F32) {
+                h[at] = x;
+            }
             s16[(e / BV) * SB + e % BV] = f16(x);
+            if (OUT16) {
+                h16[at] = f16(x);
+            }
         }
         stage(nx.w, lid); // -w: rows past the chunk's end are 0
         for (var x = 0u; x < NVR; x++) {
@@ -169,7 +179,13 @@ fn main(
             let e = lid + MWG * x;
             let x = vs[e];
             s16[(e / BV) * SB + e % BV] = f16(x);
-            vn[(hb + e / BV) * V + j0 + e % BV] = x;
+            let at = (hb + e / BV) * V + j0 + e % BV;
+            if (KEEP_F32) {
+                vn[at] = x;
+            }
+            if (OUT16) {
+                vn16[at] = f16(x);
+            }
         }
         stage(nx.k, lid);
         workgroupBarrier();

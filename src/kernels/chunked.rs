@@ -29,6 +29,12 @@ pub struct ChunkSpec {
     pub bd: u32,
     /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
     pub mma: Option<u32>,
+    /// The output pass runs on cooperative matrices (`chunk_output_mma.wgsl`), from the f16 operands
+    /// that the pack and state passes then write (`OUT16`).
+    pub out16: bool,
+    /// The state walk writes S and v_new in f32 (`KEEP_F32`): for the SIMT output pass, a training
+    /// forward's saved states and the stage tests.
+    pub keep_f32: bool,
 }
 
 impl ChunkSpec {
@@ -40,7 +46,46 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd, mma: None }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true }
+    }
+
+    /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`): pf,
+    /// p16, zt, gcs and two words, in bytes.
+    pub fn output_mma_bytes(&self) -> u32 {
+        let c = self.chunk;
+        4 * c * c.max(self.bvo) + 2 * c * (c + 8) + 4 * 256 + 4 * 64 + 8
+    }
+
+    /// Whether the cooperative-matrix output pass runs these tiles with `tile` x `tile` matrices,
+    /// head dim `k` and `max_bytes` of workgroup memory.
+    pub fn output_mma_fits(&self, k: usize, tile: u32, max_bytes: u32) -> bool {
+        let (k, c) = (k as u32, self.chunk);
+        c % (2 * tile) == 0 && k % tile == 0 && self.bvo % (2 * tile) == 0 && self.output_mma_bytes() <= max_bytes
+    }
+
+    /// The tiles of a forward of `p` on `caps`: the cooperative-matrix state walk where it fits
+    /// ([`ChunkSpec::mma_for`]), and the cooperative-matrix output pass with it where that fits too.
+    /// `keep_f32`: S and v_new are needed in f32 as well (training, stage tests).
+    pub fn for_forward(chunk: u32, p: &Problem, caps: &Caps, keep_f32: bool) -> ChunkSpec {
+        let mut spec = ChunkSpec::choose(chunk, p.dims.k, p.dims.v);
+        spec.mma = spec.mma_for(p, caps);
+        if let Some(t) = spec.mma {
+            let max = caps.max_workgroup_storage;
+            // The whole V per workgroup where it fits (P once per chunk and head), else the SIMT tiles'.
+            let whole = ChunkSpec { bvo: p.dims.v as u32, ..spec };
+            if whole.output_mma_fits(p.dims.k, t, max) {
+                spec.bvo = whole.bvo;
+            }
+            spec.out16 = spec.output_mma_fits(p.dims.k, t, max);
+        }
+        spec.keep_f32 = keep_f32 || !spec.out16;
+        spec
+    }
+
+    /// The optional scratch buffers a forward with these tiles holds; `packed`: the state walk's f16
+    /// operands even where the walk that runs does not use them (stage tests).
+    pub fn scratch_set(&self, packed: bool) -> ScratchSet {
+        ScratchSet { packed: packed || self.mma.is_some(), out16: self.out16, f32_states: self.keep_f32 }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
@@ -97,6 +142,8 @@ impl ChunkSpec {
                 ("BV", self.bv as f64),
                 ("BVO", self.bvo as f64),
                 ("BD", self.bd as f64),
+                ("OUT16", b(self.out16)),
+                ("KEEP_F32", b(self.keep_f32)),
             ],
         );
         match (kernel.mma(), self.mma) {
@@ -190,14 +237,37 @@ pub fn windows(p: &Problem, chunk: usize, max_local: usize) -> Vec<Window> {
         .collect()
 }
 
-/// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h, and with `packed` (the
-/// cooperative-matrix state walk) the f16 operands -w and K ∘ decay (0 without).
-pub fn scratch_per_chunk(p: &Problem, chunk: usize, packed: bool) -> [u64; 8] {
+/// Which of its optional scratch buffers a chunked forward holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScratchSet {
+    /// The cooperative-matrix state walk's f16 operands -w and K ∘ decay (`wk16`).
+    pub packed: bool,
+    /// The cooperative-matrix output pass's f16 operands (`qk16`, `h16`, `vn16`).
+    pub out16: bool,
+    /// S and v_new in f32 (`h`, `vn`).
+    pub f32_states: bool,
+}
+
+/// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h, wk16, qk16, h16, vn16
+/// (0 for the buffers `set` leaves out).
+pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11] {
     let d = &p.dims;
-    let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
+    let (c, h, hv, k, v) = (chunk as u64, d.h as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4;
-    let wk16 = if packed { 2 * 2 * hv * c * k } else { 0 };
-    [f * hv * c, f * hv * c, f * hv * c * c, f * hv * c * k, f * hv * c * v, f * hv * c * v, f * hv * k * v, wk16]
+    let on = |x: bool, b: u64| if x { b } else { 0 };
+    [
+        f * hv * c,
+        f * hv * c,
+        f * hv * c * c,
+        f * hv * c * k,
+        f * hv * c * v,
+        on(set.f32_states, f * hv * c * v),
+        on(set.f32_states, f * hv * k * v),
+        on(set.packed, 2 * 2 * hv * c * k),
+        on(set.out16, 2 * 2 * h * c * k),
+        on(set.out16, 2 * hv * k * v),
+        on(set.out16, 2 * hv * c * v),
+    ]
 }
 
 /// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, a,
@@ -206,15 +276,15 @@ pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 12] {
     let d = &p.dims;
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4 * hv;
-    let [gc, bm, a, w, u, ..] = scratch_per_chunk(p, chunk, false);
+    let [gc, bm, a, w, u, ..] = scratch_per_chunk(p, chunk, ScratchSet::default());
     [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c]
 }
 
 /// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest
 /// power of two that does (so pooled buffers are not rounded up), never so many that one buffer
 /// exceeds `max_binding`. At least 1.
-pub fn max_local_chunks(p: &Problem, chunk: usize, packed: bool, budget: u64, max_binding: u64) -> usize {
-    max_local_for(p, chunk, &scratch_per_chunk(p, chunk, packed), budget, max_binding)
+pub fn max_local_chunks(p: &Problem, chunk: usize, set: ScratchSet, budget: u64, max_binding: u64) -> usize {
+    max_local_for(p, chunk, &scratch_per_chunk(p, chunk, set), budget, max_binding)
 }
 
 /// [`max_local_chunks`] for scratch of `per` bytes per chunk, buffer by buffer.
@@ -236,13 +306,12 @@ pub fn max_local_for(p: &Problem, chunk: usize, per: &[u64], budget: u64, max_bi
     l as usize
 }
 
-/// Peak scratch bytes of a forward of `p` with windows of `max_local` chunks (`packed`: with the
-/// cooperative-matrix state walk's f16 operands), as the pool holds
-/// them (each buffer rounded up to a power of two), plus the chunk table and the carried state.
-pub fn scratch_bytes(p: &Problem, chunk: usize, packed: bool, max_local: usize) -> u64 {
+/// Peak scratch bytes of a forward of `p` with windows of `max_local` chunks and the buffers of
+/// `set`, as the pool holds them (each buffer rounded up to a power of two), plus the carried state.
+pub fn scratch_bytes(p: &Problem, chunk: usize, set: ScratchSet, max_local: usize) -> u64 {
     let ws = windows(p, chunk, max_local);
     let l = ws.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
-    let per = scratch_per_chunk(p, chunk, packed);
+    let per = scratch_per_chunk(p, chunk, set);
     let bufs: u64 = per.iter().filter(|&&b| b > 0).map(|&b| (b * l).max(16).next_power_of_two()).sum();
     let d = &p.dims;
     let carry = if p.output_final_state { 0 } else { (p.n_seqs() * d.hv * d.k * d.v * 4) as u64 };
@@ -307,25 +376,29 @@ mod tests {
         }
     }
 
-    /// Peak scratch of the issue's memory case: B=1, T=16384, HV=32, K=V=128, chunk 64, without and
-    /// with the cooperative-matrix walk's f16 operands.
+    /// The scratch of an inference forward on SIMT passes and on cooperative matrices.
+    const SIMT: ScratchSet = ScratchSet { packed: false, out16: false, f32_states: true };
+    const MMA: ScratchSet = ScratchSet { packed: true, out16: true, f32_states: false };
+
+    /// Peak scratch of the issue's memory case: B=1, T=16384, HV=32, K=V=128, chunk 64, with the
+    /// SIMT passes and with the cooperative-matrix passes' f16 operands.
     #[test]
     fn scratch_for_long_sequence() {
         let p = problem(1, 16384, 32, 128, None);
-        for packed in [false, true] {
-            let whole = max_local_chunks(&p, 64, packed, u64::MAX, u64::MAX);
-            let l = max_local_chunks(&p, 64, packed, DEFAULT_WINDOW_BYTES, 2 << 30);
-            let per: u64 = scratch_per_chunk(&p, 64, packed).iter().sum();
+        for set in [SIMT, MMA] {
+            let whole = max_local_chunks(&p, 64, set, u64::MAX, u64::MAX);
+            let l = max_local_chunks(&p, 64, set, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let per: u64 = scratch_per_chunk(&p, 64, set).iter().sum();
             println!(
-                "B=1 T=16384 HV=32 K=V=128 C=64 (f16 operands: {packed}): {per} bytes per chunk; all {whole} chunks \
+                "B=1 T=16384 HV=32 K=V=128 C=64 ({set:?}): {per} bytes per chunk; all {whole} chunks \
                  at once would take {} MiB; windows of {l} chunks: peak scratch {} MiB",
-                scratch_bytes(&p, 64, packed, whole) >> 20,
-                scratch_bytes(&p, 64, packed, l) >> 20
+                scratch_bytes(&p, 64, set, whole) >> 20,
+                scratch_bytes(&p, 64, set, l) >> 20
             );
             assert_eq!(whole, 256);
             assert_eq!(windows(&p, 64, l).len(), 4);
             assert_eq!(l, 64);
-            assert!(scratch_bytes(&p, 64, packed, l) <= DEFAULT_WINDOW_BYTES);
+            assert!(scratch_bytes(&p, 64, set, l) <= DEFAULT_WINDOW_BYTES);
         }
     }
 
@@ -363,15 +436,32 @@ mod tests {
         assert!(!ChunkSpec::choose(64, 48, 48).mma_fits(48, 32, 48 << 10));
     }
 
+    /// Where the cooperative-matrix output pass runs at K = V = 128: with Apple's 32 KiB and 8x8
+    /// tiles at every chunk size (64 value columns a workgroup); with NVIDIA's 48 KiB and 16x16 tiles
+    /// from chunk 32 (two column tiles a task), the whole V a workgroup.
+    #[test]
+    fn mma_output_fits() {
+        for c in [16, 32, 64] {
+            let s = ChunkSpec::choose(c, 128, 128);
+            assert!(s.output_mma_fits(128, 8, 32 << 10), "{s:?}");
+            assert_eq!(s.output_mma_fits(128, 16, 32 << 10), c >= 32, "{s:?}");
+            let whole = ChunkSpec { bvo: 128, ..s };
+            assert!(!whole.output_mma_fits(128, 8, 32 << 10) || c < 64);
+            assert_eq!(whole.output_mma_fits(128, 16, 48 << 10), c >= 32);
+        }
+        assert_eq!(ChunkSpec::choose(64, 128, 128).output_mma_bytes(), 26888);
+        assert_eq!(ChunkSpec { bvo: 128, ..ChunkSpec::choose(64, 128, 128) }.output_mma_bytes(), 43272);
+    }
+
     /// The perf cases of issue #3 fit a 2 GiB binding and the grid limits.
     #[test]
     fn production_shapes_fit() {
         for (b, t) in [(1, 16384), (8, 8192)] {
             let p = problem(b, t, 32, 128, None);
             let spec = ChunkSpec::choose(64, 128, 128);
-            let l = max_local_chunks(&p, 64, true, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let l = max_local_chunks(&p, 64, MMA, DEFAULT_WINDOW_BYTES, 2 << 30);
             let ws = windows(&p, 64, l);
-            let biggest = scratch_per_chunk(&p, 64, true).iter().max().unwrap() * l as u64;
+            let biggest = scratch_per_chunk(&p, 64, MMA).iter().max().unwrap() * l as u64;
             let o_bytes = (b * t * 32 * 128 * 4) as u64;
             println!(
                 "B={b} T={t}: {} windows of {l} chunks, largest scratch buffer {} MiB, o {} MiB, peak scratch {} MiB, \
@@ -379,7 +469,7 @@ mod tests {
                 ws.len(),
                 biggest >> 20,
                 o_bytes >> 20,
-                scratch_bytes(&p, 64, true, l) >> 20,
+                scratch_bytes(&p, 64, MMA, l) >> 20,
                 32 * 128 / spec.bv,
                 32 * 128 / spec.bvo,
                 32 * 256 / spec.bd

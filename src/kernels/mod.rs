@@ -38,6 +38,7 @@ pub mod src {
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
+    pub const CHUNK_OUTPUT_MMA: &str = include_str!("../../wgsl/chunk_output_mma.wgsl");
     pub const CHUNK_BWD_COMMON: &str = include_str!("../../wgsl/chunk_bwd_common.wgsl");
     pub const CHUNK_BWD_LOCAL: &str = include_str!("../../wgsl/chunk_bwd_local.wgsl");
     pub const CHUNK_BWD_STATE: &str = include_str!("../../wgsl/chunk_bwd_state.wgsl");
@@ -72,6 +73,9 @@ pub enum Kernel {
     ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
+    /// Step 5 on cooperative matrices, from f16 operands that the pack and state passes write
+    /// with `OUT16` (q, k; S, v_new).
+    ChunkOutputMma,
     /// Chunked backward, step 1: v_new from the saved state, and the chunk-local dv.
     ChunkBwdLocal,
     /// Chunked backward, step 2: the reverse walk of dS over chunks (dh per chunk, dv_new, dh0).
@@ -116,7 +120,7 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
@@ -127,6 +131,7 @@ impl Kernel {
         Kernel::ChunkState,
         Kernel::ChunkStateMma,
         Kernel::ChunkOutput,
+        Kernel::ChunkOutputMma,
         Kernel::ChunkBwdLocal,
         Kernel::ChunkBwdState,
         Kernel::ChunkBwdDqkwg,
@@ -145,6 +150,7 @@ impl Kernel {
             Kernel::ChunkState => "wgdelta.chunk.state",
             Kernel::ChunkStateMma => "wgdelta.chunk.state_mma",
             Kernel::ChunkOutput => "wgdelta.chunk.output",
+            Kernel::ChunkOutputMma => "wgdelta.chunk.output_mma",
             Kernel::ChunkBwdLocal => "wgdelta.chunk.bwd_local",
             Kernel::ChunkBwdState => "wgdelta.chunk.bwd_state",
             Kernel::ChunkBwdDqkwg => "wgdelta.chunk.bwd_dqkwg",
@@ -165,6 +171,7 @@ impl Kernel {
             Kernel::ChunkState => src::CHUNK_STATE,
             Kernel::ChunkStateMma => src::CHUNK_STATE_MMA,
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
+            Kernel::ChunkOutputMma => src::CHUNK_OUTPUT_MMA,
             Kernel::ChunkBwdLocal => src::CHUNK_BWD_LOCAL,
             Kernel::ChunkBwdState => src::CHUNK_BWD_STATE,
             Kernel::ChunkBwdDqkwg => src::CHUNK_BWD_DQKWG,
@@ -191,11 +198,16 @@ impl Kernel {
             Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
             Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
-            Kernel::ChunkPack16 => &[Uniform, Read, Read, Read, Read, ReadWrite],
-            Kernel::ChunkState | Kernel::ChunkStateMma => {
-                &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
+            // k, gc, w | wk16; q | qk16
+            Kernel::ChunkPack16 => &[Uniform, Read, Read, Read, Read, ReadWrite, Read, ReadWrite],
+            Kernel::ChunkState => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+            // k, gc, wk16, u, h0 | h, vn, state, h16, vn16
+            Kernel::ChunkStateMma => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite, ReadWrite]
             }
             Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
+            // qk16, gc, h16, vn16 | o
+            Kernel::ChunkOutputMma => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
             // q, k, gc, w, u, ck, do | vn, dvn
             Kernel::ChunkBwdLocal => &[Uniform, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // q, k, gc, w, do, dht | dvn, dh, carry
@@ -243,6 +255,7 @@ impl Kernel {
                 | Kernel::ChunkState
                 | Kernel::ChunkStateMma
                 | Kernel::ChunkOutput
+                | Kernel::ChunkOutputMma
         ) || self.chunk_bwd()
     }
     /// Whether the kernel is a chunked backward pass (assembled with `chunk_bwd_common.wgsl` too).
@@ -258,7 +271,7 @@ impl Kernel {
     }
     /// Whether the kernel runs on cooperative matrices (assembled after [`mma_header`]).
     pub fn mma(self) -> bool {
-        matches!(self, Kernel::ChunkStateMma)
+        matches!(self, Kernel::ChunkStateMma | Kernel::ChunkOutputMma)
     }
 }
 

@@ -151,6 +151,8 @@ pub(crate) struct Saved {
     pub chunks: Vec<[u32; 3]>,
     /// The packed f16 operands (`wk16`) and their size, when `chunk_pack16.wgsl` made them.
     pub wk16: Option<(wgpu::Buffer, u64)>,
+    /// The cooperative-matrix output pass's f16 operands qk16, h16, vn16 and their sizes (`OUT16`).
+    pub out16: Option<[(wgpu::Buffer, u64); 3]>,
 }
 
 /// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
@@ -172,39 +174,45 @@ fn record(
     let c = chunk as usize;
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
-    let mut spec = ChunkSpec::choose(chunk, d.k, d.v);
-    spec.mma = spec.mma_for(p, caps);
+    let spec = ChunkSpec::for_forward(chunk, p, caps, pack16 || states.is_some());
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
     check_workgroup_memory(caps)?;
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
     let ht = if p.output_final_state { Some(eng.output("ht", &p.state_shape())?) } else { None };
     // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
     // watchdogs): see `Gpu::max_tokens_per_dispatch`.
-    let packed = pack16 || spec.mma.is_some();
+    let set = spec.scratch_set(pack16);
     let max_local =
-        max_local_chunks(p, c, packed, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
+        max_local_chunks(p, c, set, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
 
     let table = ChunkTable::new(p, &wins, chunk, false);
     let info = table.record(graph, x.mask)?;
 
-    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h, b_wk16] = scratch_per_chunk(p, c, packed).map(|b| b * l);
+    let [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h, b_wk16, b_qk16, b_h16, b_vn16] =
+        scratch_per_chunk(p, c, set).map(|b| b * l);
     let sizes = [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h];
     let gc = graph.scratch("wgdelta.chunk.gc", b_gc, SAVED)?;
     let bm = graph.scratch("wgdelta.chunk.beta", b_bm, SAVED)?;
     let a = graph.scratch("wgdelta.chunk.a", b_a, SAVED)?;
     let w = graph.scratch("wgdelta.chunk.w", b_w, SAVED)?;
     let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
-    let vn = graph.scratch("wgdelta.chunk.v_new", b_vn, SAVED)?;
+    // Buffers a variant leaves out are bound to a small scratch buffer it never touches.
+    let opt = |graph: &mut PassGraph, label, bytes: u64| graph.scratch(label, bytes.max(16), SAVED);
+    let vn = opt(graph, "wgdelta.chunk.v_new", b_vn)?;
     let h = match states {
         Some(b) => b.clone(),
-        None => graph.scratch("wgdelta.chunk.h", b_h, SAVED)?,
+        None => opt(graph, "wgdelta.chunk.h", b_h)?,
     };
     let per_state = (d.hv * d.k * d.v * 4) as u64;
     let mut first = 0u64; // the window's first slot in the canonical states
-                          // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_pack16.wgsl) instead of w, k.
-    let wk16 = if packed { Some(graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)?) } else { None };
+                          // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_pack16.wgsl) instead of w, k;
+                          // the cooperative-matrix output pass q, k, S and v_new as f16 (OUT16).
+    let wk16 = if set.packed { Some(graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)?) } else { None };
+    let qk16 = opt(graph, "wgdelta.chunk.qk16", b_qk16)?;
+    let h16 = opt(graph, "wgdelta.chunk.h16", b_h16)?;
+    let vn16 = opt(graph, "wgdelta.chunk.vn16", b_vn16)?;
     let state_w = match (&wk16, spec.mma) {
         (Some(b), Some(_)) => b,
         _ => &w,
@@ -234,7 +242,7 @@ fn record(
                 let words = (d.hv * c * d.k / 2) as u32;
                 graph.dispatch(
                     &spec.key(Kernel::ChunkPack16, p),
-                    &[&pc, &info, &x.k.buffer, &gc, &w, wk16],
+                    &[&pc, &info, &x.k.buffer, &gc, &w, wk16, &x.q.buffer, &qk16],
                     [words.div_ceil(WG), cy, cz],
                 )?;
             }
@@ -244,35 +252,36 @@ fn record(
             None => h.as_entire_buffer_binding(),
         };
         first += nl as u64;
-        graph.dispatch_ranges(
-            &spec.key(state_kernel, p),
-            &[
-                whole(&ps),
-                whole(&info),
-                whole(&x.k.buffer),
-                whole(&gc),
-                whole(state_w),
-                whole(&u),
-                whole(h0),
-                hb.clone(),
-                whole(&vn),
-                whole(carry),
-            ],
-            [hv * (d.v as u32 / spec.bv), sy, sz],
-        )?;
+        let mut state_bufs =
+            vec![whole(&ps), whole(&info), whole(&x.k.buffer), whole(&gc), whole(state_w), whole(&u), whole(h0)];
+        state_bufs.extend([hb.clone(), whole(&vn), whole(carry)]);
+        if spec.mma.is_some() {
+            state_bufs.extend([whole(&h16), whole(&vn16)]);
+        }
+        graph.dispatch_ranges(&spec.key(state_kernel, p), &state_bufs, [hv * (d.v as u32 / spec.bv), sy, sz])?;
         if nl > 0 {
             let o = &o.buffer;
-            let (q, k) = (&x.q.buffer, &x.k.buffer);
-            graph.dispatch_ranges(
-                &spec.key(Kernel::ChunkOutput, p),
-                &[whole(&pc), whole(&info), whole(q), whole(k), whole(&gc), hb, whole(&vn), whole(o)],
-                [hv * (d.v as u32 / spec.bvo), cy, cz],
-            )?;
+            let grid = [hv * (d.v as u32 / spec.bvo), cy, cz];
+            if spec.out16 {
+                graph.dispatch(
+                    &spec.key(Kernel::ChunkOutputMma, p),
+                    &[&pc, &info, &qk16, &gc, &h16, &vn16, o],
+                    grid,
+                )?;
+            } else {
+                let (q, k) = (&x.q.buffer, &x.k.buffer);
+                graph.dispatch_ranges(
+                    &spec.key(Kernel::ChunkOutput, p),
+                    &[whole(&pc), whole(&info), whole(q), whole(k), whole(&gc), hb, whole(&vn), whole(o)],
+                    grid,
+                )?;
+            }
         }
     }
     let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
     let wk16 = wk16.map(|b| (b, b_wk16));
-    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16 }))
+    let out16 = spec.out16.then(|| [(qk16, b_qk16), (h16, b_h16), (vn16, b_vn16)]);
+    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16, out16 }))
 }
 
 /// Intermediate results of the chunked forward (tests compare them with `reference::chunked`
@@ -299,6 +308,9 @@ pub struct ChunkStages {
     pub h: Vec<f32>,
     /// `[L, HV, 2, C, K]` IEEE half bits: -w, then K ∘ exp(gc_last - gc) (rows past the chunk zero).
     pub wk16: Vec<u16>,
+    /// With the cooperative-matrix output pass, its f16 operands (IEEE half bits): q, k
+    /// `[L, H, 2, C, K]`, h `[L, HV, K, V]` (by local chunk, like `h`), v_new `[L, HV, C, V]`.
+    pub out16: Option<[Vec<u16>; 3]>,
 }
 
 impl Engine {
@@ -321,16 +333,36 @@ impl Engine {
             context: "chunked_stages".into(),
             message: "the f16 operands were not recorded".into(),
         })?;
-        let wk = self.gpu.empty("wgdelta.chunk.stage", &[(wk_size / 2) as usize], crate::problem::DType::F16)?;
-        graph.copy(&wk_buf, 0, &wk.buffer, 0, wk_size);
+        let mut halves = |(b, size): &(wgpu::Buffer, u64)| -> Result<crate::tensor::Tensor> {
+            let t = self.gpu.empty("wgdelta.chunk.stage", &[(size / 2) as usize], crate::problem::DType::F16)?;
+            graph.copy(b, 0, &t.buffer, 0, *size);
+            Ok(t)
+        };
+        let wk = halves(&(wk_buf, wk_size))?;
+        let o16 = match &saved.out16 {
+            Some(bufs) => Some(bufs.iter().map(&mut halves).collect::<Result<Vec<_>>>()?),
+            None => None,
+        };
         self.submit(graph)?;
-        let wk16 = bytemuck::pod_collect_to_vec(&self.download(&wk)?.bytes);
+        let bits = |t: &crate::tensor::Tensor| -> Result<Vec<u16>> {
+            Ok(bytemuck::pod_collect_to_vec(&self.download(t)?.bytes))
+        };
+        let wk16 = bits(&wk)?;
         let mut v = copies.iter().map(|t| self.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?;
         // h is kept by slot (`state_slots`); the stages list it by local chunk like the rest.
         let per = p.dims.hv * p.dims.k * p.dims.v;
         let h = v.pop().expect("h is the last stage");
         let slots = state_slots(&p, &saved.chunks, chunk);
         v.push(slots.iter().flat_map(|&s| h[s as usize * per..(s as usize + 1) * per].iter().copied()).collect());
+        let out16 = match o16 {
+            Some(ts) => {
+                let [qk, h16, vn] = [bits(&ts[0])?, bits(&ts[1])?, bits(&ts[2])?];
+                let h16 =
+                    slots.iter().flat_map(|&s| h16[s as usize * per..(s as usize + 1) * per].iter().copied()).collect();
+                Some([qk, h16, vn])
+            }
+            None => None,
+        };
         let mut next = || v.remove(0);
         Ok(ChunkStages {
             out,
@@ -343,6 +375,7 @@ impl Engine {
             v_new: next(),
             h: next(),
             wk16,
+            out16,
         })
     }
 }

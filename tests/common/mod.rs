@@ -5,12 +5,18 @@ use std::sync::OnceLock;
 use wgdelta::reference::{self, RefInputs};
 use wgdelta::*;
 
-/// One engine per test binary (pipelines compile once). Shader bounds checks and output
-/// poisoning are on in test builds.
+/// Shader bounds checks in tests: on, unless `WGDELTA_SHADER_CHECKS` says otherwise (to run a test
+/// binary on a GPU as production runs).
+pub fn checks() -> Option<bool> {
+    std::env::var_os(wgdelta::device::ENV_SHADER_CHECKS).is_none().then_some(true)
+}
+
+/// One engine per test binary (pipelines compile once). Shader bounds checks (see [`checks`]) and
+/// output poisoning are on in test builds.
 pub fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| {
-        let gpu = Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() })
+        let gpu = Gpu::with_options(&GpuOptions { shader_checks: checks(), ..Default::default() })
             .expect("a GPU adapter (install mesa-vulkan-drivers for the software one)");
         let info = gpu.adapter_info();
         eprintln!("test adapter: {} ({:?}), caps {:?}", info.name, info.backend, gpu.caps());

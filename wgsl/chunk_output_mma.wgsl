@@ -1,0 +1,182 @@
+// chunk_output_mma.wgsl — the output of chunk_output.wgsl on cooperative matrices:
+//     o_i = scale * ( exp(gc_i) q_i S  +  sum_{j <= i} (q_i . k_j) exp(gc_i - gc_j) v_new_j )
+// with S the state at the start of the chunk; rows i < len of the chunk only, a masked row writes 0.
+// Assembled after kernels::mma_header (f16 operands MA, MB; f32 accumulator MC; CT x CT tiles).
+// For f16/bf16 inputs, where the state walk runs on cooperative matrices too (OUT16).
+//
+// Operands come ready as f16 from the passes before (OUT16), and every tile is loaded straight from
+// global memory, so nothing is staged: a 16 x 16 tile is 16 rows of 32 bytes, and the tiles the
+// workgroup's subgroups share stay in cache.
+//   qk16 [L, H, 2, C, K]  q, then k (chunk_pack16.wgsl; rows past the chunk's end 0)
+//   h16  [slots, HV, K, V] S (chunk_state_mma.wgsl, slot as h_base)
+//   vn16 [L, HV, C, V]    v_new (chunk_state_mma.wgsl)
+// Output o [rows, HV, V] f32. Every product accumulates in f32.
+//
+// Grid as chunk_output.wgsl: (HV * V / BVO, local chunks on y/z); BVO is the whole V where the
+// arrays fit (ChunkSpec::for_forward), so P is made once per chunk and head. MWG threads in
+// subgroups, which take tasks of a CT-row tile and a pair of CT-column tiles (one A tile feeds two
+// products) in rounds; the round count is uniform (naga requires uniform control flow around
+// cooperative-matrix operations), and a subgroup past the last task redoes the last one (same
+// values written).
+// Every workgroup variable is a multiple of 16 bytes (`ctl` packs the two words): the driver may lay
+// them out in any order, and a cooperative-matrix tile in workgroup memory must start 16-byte
+// aligned. With two loose u32 words p16 went wrong on the H100 (docs/PERF.md, R38).
+//   1. P = Q K^T (C x C) -> pf (f32).
+//   2. p16 = f16(P ∘ Γ), Γ_ij = exp(gc_i - gc_j) for j <= i < len, else 0.
+//   3. T = Q S (C x BVO) -> pf; then row i of T times exp(gc_i).
+//   4. T += p16 v_new -> pf.
+//   5. o = scale * T for the chunk's rows (0 where masked).
+// Host-checked (ChunkSpec::output_mma_fits): C and BVO multiples of 2 CT, K of CT; the arrays fit.
+
+@group(0) @binding(2) var<storage, read> qk16: array<f16>;
+@group(0) @binding(3) var<storage, read> gc: array<f32>;
+@group(0) @binding(4) var<storage, read> h16: array<f16>;
+@group(0) @binding(5) var<storage, read> vn16: array<f16>;
+@group(0) @binding(6) var<storage, read_write> o: array<f32>;
+
+const MWG: u32 = 256u;
+override PS: u32 = CH + 8u;                // row stride of p16 (rows in different banks)
+override FN: u32 = CH * max(CH, BVO);
+override PN: u32 = CH * PS;
+
+var<workgroup> pf: array<f32, FN>;     // [C][C]: P; then [C][BVO]: T
+var<workgroup> p16: array<f16, PN>;    // [C][PS]: P ∘ Γ
+var<workgroup> zt: array<f32, 256>;    // zeros: the accumulators' starting tile
+var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end)
+// (subgroup count, state slot): one 16-byte variable, so that every workgroup variable is a multiple
+// of 16 bytes and the f16 tiles start 16-byte aligned whatever order the driver lays them out in.
+var<workgroup> ctl: vec4<u32>;
+
+@compute @workgroup_size(MWG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) nsg: u32,
+) {
+    // Not local_chunk() or h_base(): naga treats a helper's result as non-uniform, and what the
+    // cooperative-matrix operations depend on must be uniform (docs/PERF.md, R36).
+    let lc = wid.y + wid.z * P.wg_per_row;
+    if (lc >= P.n_local) {
+        return;
+    }
+    let tiles = V / BVO;
+    let hv = wid.x / tiles;
+    let j0 = (wid.x % tiles) * BVO;
+    let hk = hv / GROUP;
+    let ch = chunk_at(lc);
+    let hb = (lc * HV + hv) * CH;
+    if (lid < CH) {
+        gcs[lid] = select(0.0, gc[hb + lid], lid < ch.y);
+    }
+    for (var e = lid; e < CT * CT; e += MWG) {
+        zt[e] = 0.0;
+    }
+    if (lid == 0u) {
+        ctl = vec4<u32>(nsg, info[P.slot_off + lc], 0u, 0u);
+    }
+    let cu = workgroupUniformLoad(&ctl); // also the barrier for gcs and zt
+    let nsgu = cu.x;
+    let sl = cu.y;
+    let zp = &zt[0];
+    let qb = (lc * H + hk) * 2u * CH * K; // q; k follows at + C * K
+    let kb = qb + CH * K;
+    let sb = (sl * HV + hv) * K * V + j0;
+    let vb = hb * V + j0;
+    let pt = CH / CT;
+
+    // 1. P = Q K^T, a pair of column tiles per task (one A tile feeds two products).
+    let np = pt * (pt / 2u);
+    let rp = (np + nsgu - 1u) / nsgu;
+    for (var it = 0u; it < rp; it++) {
+        let t = min(sg + it * nsgu, np - 1u);
+        let i0 = (t / (pt / 2u)) * CT;
+        let c0 = (t % (pt / 2u)) * 2u * CT;
+        var p0 = coopLoadT<MC>(zp, CT);
+        var p1 = coopLoadT<MC>(zp, CT);
+        for (var m0 = 0u; m0 < K; m0 += CT) {
+            let ap = &qk16[qb + i0 * K + m0];
+            let a = coopLoadT<MA>(ap, K);
+            // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K.
+            let b0 = &qk16[kb + c0 * K + m0];
+            let b1 = &qk16[kb + (c0 + CT) * K + m0];
+            p0 = coopMultiplyAdd(a, coopLoad<MB>(b0, K), p0);
+            p1 = coopMultiplyAdd(a, coopLoad<MB>(b1, K), p1);
+        }
+        let s0 = &pf[i0 * CH + c0];
+        let s1 = &pf[i0 * CH + c0 + CT];
+        coopStoreT(p0, s0, CH);
+        coopStoreT(p1, s1, CH);
+    }
+    workgroupBarrier();
+
+    // 2. Decay and causal mask (min(j, i): no overflow in the branch the select drops).
+    for (var e = lid; e < CH * CH; e += MWG) {
+        let i = e / CH;
+        let j = e % CH;
+        let keep = j <= i && i < ch.y;
+        p16[i * PS + j] = f16(select(0.0, pf[e] * exp(gcs[i] - gcs[min(j, i)]), keep));
+    }
+    workgroupBarrier(); // pf is free
+
+    // 3. T = Q S, then its rows scaled by exp(gc). Tasks: a row tile and a pair of column tiles.
+    let ot = BVO / (2u * CT);
+    let no = pt * ot;
+    let ro = (no + nsgu - 1u) / nsgu;
+    for (var it = 0u; it < ro; it++) {
+        let t = min(sg + it * nsgu, no - 1u);
+        let i0 = (t / ot) * CT;
+        let c0 = (t % ot) * 2u * CT;
+        var t0 = coopLoadT<MC>(zp, CT);
+        var t1 = coopLoadT<MC>(zp, CT);
+        for (var m0 = 0u; m0 < K; m0 += CT) {
+            let ap = &qk16[qb + i0 * K + m0];
+            let a = coopLoadT<MA>(ap, K);
+            let b0 = &h16[sb + m0 * V + c0];
+            let b1 = &h16[sb + m0 * V + c0 + CT];
+            t0 = coopMultiplyAdd(a, coopLoadT<MB>(b0, V), t0);
+            t1 = coopMultiplyAdd(a, coopLoadT<MB>(b1, V), t1);
+        }
+        let d0 = &pf[i0 * BVO + c0];
+        let d1 = &pf[i0 * BVO + c0 + CT];
+        coopStoreT(t0, d0, BVO);
+        coopStoreT(t1, d1, BVO);
+    }
+    workgroupBarrier();
+    for (var e = lid; e < CH * BVO; e += MWG) {
+        pf[e] *= exp(gcs[e / BVO]);
+    }
+    workgroupBarrier();
+
+    // 4. T += (P ∘ Γ) v_new, the same tasks.
+    for (var it = 0u; it < ro; it++) {
+        let t = min(sg + it * nsgu, no - 1u);
+        let i0 = (t / ot) * CT;
+        let c0 = (t % ot) * 2u * CT;
+        let d0 = &pf[i0 * BVO + c0];
+        let d1 = &pf[i0 * BVO + c0 + CT];
+        var t0 = coopLoadT<MC>(d0, BVO);
+        var t1 = coopLoadT<MC>(d1, BVO);
+        for (var j = 0u; j < CH; j += CT) {
+            let ap = &p16[i0 * PS + j];
+            let a = coopLoadT<MA>(ap, PS);
+            let b0 = &vn16[vb + j * V + c0];
+            let b1 = &vn16[vb + j * V + c0 + CT];
+            t0 = coopMultiplyAdd(a, coopLoadT<MB>(b0, V), t0);
+            t1 = coopMultiplyAdd(a, coopLoadT<MB>(b1, V), t1);
+        }
+        workgroupBarrier(); // every tile of this round is read before any is written
+        coopStoreT(t0, d0, BVO);
+        coopStoreT(t1, d1, BVO);
+    }
+    workgroupBarrier();
+
+    // 5. The chunk's rows.
+    for (var e = lid; e < CH * BVO; e += MWG) {
+        let i = e / BVO;
+        if (i < ch.y) {
+            let row = ch.x + i;
+            o[(row * HV + hv) * V + j0 + e % BVO] = select(0.0, P.scale * pf[e], live(row));
+        }
+    }
+}
