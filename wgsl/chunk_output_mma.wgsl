@@ -14,8 +14,8 @@
 //
 // Grid as chunk_output.wgsl: (HV * V / BVO, local chunks on y/z); BVO is the whole V where the
 // arrays fit (ChunkSpec::for_forward), so P is made once per chunk and head. MWG threads in
-// subgroups, which take tasks of a CT-row tile and a pair of CT-column tiles (one A tile feeds two
-// products) in rounds; the round count is uniform (naga requires uniform control flow around
+// subgroups, which take tasks of a few CT x CT tiles (a row tile and two column tiles for P, 2 x 2
+// tiles for T, so loaded tiles feed two products each) in rounds; the round count is uniform (naga requires uniform control flow around
 // cooperative-matrix operations), and a subgroup past the last task redoes the last one (same
 // values written).
 // Every workgroup variable is a multiple of 16 bytes (`ctl` packs the two words): the driver may lay
@@ -119,28 +119,41 @@ fn main(
     }
     workgroupBarrier(); // pf is free
 
-    // 3. T = Q S, then its rows scaled by exp(gc). Tasks: a row tile and a pair of column tiles.
+    // 3. T = Q S, then its rows scaled by exp(gc). Tasks: 2 x 2 tiles (two A and two B tiles feed
+    // four products).
     let ot = BVO / (2u * CT);
-    let no = pt * ot;
+    let no = (pt / 2u) * ot;
     let ro = (no + nsgu - 1u) / nsgu;
     for (var it = 0u; it < ro; it++) {
         let t = min(sg + it * nsgu, no - 1u);
-        let i0 = (t / ot) * CT;
+        let i0 = (t / ot) * 2u * CT;
         let c0 = (t % ot) * 2u * CT;
-        var t0 = coopLoadT<MC>(zp, CT);
-        var t1 = coopLoadT<MC>(zp, CT);
+        var t00 = coopLoadT<MC>(zp, CT);
+        var t01 = coopLoadT<MC>(zp, CT);
+        var t10 = coopLoadT<MC>(zp, CT);
+        var t11 = coopLoadT<MC>(zp, CT);
         for (var m0 = 0u; m0 < K; m0 += CT) {
-            let ap = &qk16[qb + i0 * K + m0];
-            let a = coopLoadT<MA>(ap, K);
-            let b0 = &h16[sb + m0 * V + c0];
-            let b1 = &h16[sb + m0 * V + c0 + CT];
-            t0 = coopMultiplyAdd(a, coopLoadT<MB>(b0, V), t0);
-            t1 = coopMultiplyAdd(a, coopLoadT<MB>(b1, V), t1);
+            let ap0 = &qk16[qb + i0 * K + m0];
+            let ap1 = &qk16[qb + (i0 + CT) * K + m0];
+            let bp0 = &h16[sb + m0 * V + c0];
+            let bp1 = &h16[sb + m0 * V + c0 + CT];
+            let a0 = coopLoadT<MA>(ap0, K);
+            let a1 = coopLoadT<MA>(ap1, K);
+            let b0 = coopLoadT<MB>(bp0, V);
+            let b1 = coopLoadT<MB>(bp1, V);
+            t00 = coopMultiplyAdd(a0, b0, t00);
+            t01 = coopMultiplyAdd(a0, b1, t01);
+            t10 = coopMultiplyAdd(a1, b0, t10);
+            t11 = coopMultiplyAdd(a1, b1, t11);
         }
-        let d0 = &pf[i0 * BVO + c0];
-        let d1 = &pf[i0 * BVO + c0 + CT];
-        coopStoreT(t0, d0, BVO);
-        coopStoreT(t1, d1, BVO);
+        let d00 = &pf[i0 * BVO + c0];
+        let d01 = &pf[i0 * BVO + c0 + CT];
+        let d10 = &pf[(i0 + CT) * BVO + c0];
+        let d11 = &pf[(i0 + CT) * BVO + c0 + CT];
+        coopStoreT(t00, d00, BVO);
+        coopStoreT(t01, d01, BVO);
+        coopStoreT(t10, d10, BVO);
+        coopStoreT(t11, d11, BVO);
     }
     workgroupBarrier();
     for (var e = lid; e < CH * BVO; e += MWG) {
@@ -151,23 +164,35 @@ fn main(
     // 4. T += (P ∘ Γ) v_new, the same tasks.
     for (var it = 0u; it < ro; it++) {
         let t = min(sg + it * nsgu, no - 1u);
-        let i0 = (t / ot) * CT;
+        let i0 = (t / ot) * 2u * CT;
         let c0 = (t % ot) * 2u * CT;
-        let d0 = &pf[i0 * BVO + c0];
-        let d1 = &pf[i0 * BVO + c0 + CT];
-        var t0 = coopLoadT<MC>(d0, BVO);
-        var t1 = coopLoadT<MC>(d1, BVO);
+        let d00 = &pf[i0 * BVO + c0];
+        let d01 = &pf[i0 * BVO + c0 + CT];
+        let d10 = &pf[(i0 + CT) * BVO + c0];
+        let d11 = &pf[(i0 + CT) * BVO + c0 + CT];
+        var t00 = coopLoadT<MC>(d00, BVO);
+        var t01 = coopLoadT<MC>(d01, BVO);
+        var t10 = coopLoadT<MC>(d10, BVO);
+        var t11 = coopLoadT<MC>(d11, BVO);
         for (var j = 0u; j < CH; j += CT) {
-            let ap = &p16[i0 * PS + j];
-            let a = coopLoadT<MA>(ap, PS);
-            let b0 = &vn16[vb + j * V + c0];
-            let b1 = &vn16[vb + j * V + c0 + CT];
-            t0 = coopMultiplyAdd(a, coopLoadT<MB>(b0, V), t0);
-            t1 = coopMultiplyAdd(a, coopLoadT<MB>(b1, V), t1);
+            let ap0 = &p16[i0 * PS + j];
+            let ap1 = &p16[(i0 + CT) * PS + j];
+            let bp0 = &vn16[vb + j * V + c0];
+            let bp1 = &vn16[vb + j * V + c0 + CT];
+            let a0 = coopLoadT<MA>(ap0, PS);
+            let a1 = coopLoadT<MA>(ap1, PS);
+            let b0 = coopLoadT<MB>(bp0, V);
+            let b1 = coopLoadT<MB>(bp1, V);
+            t00 = coopMultiplyAdd(a0, b0, t00);
+            t01 = coopMultiplyAdd(a0, b1, t01);
+            t10 = coopMultiplyAdd(a1, b0, t10);
+            t11 = coopMultiplyAdd(a1, b1, t11);
         }
         workgroupBarrier(); // every tile of this round is read before any is written
-        coopStoreT(t0, d0, BVO);
-        coopStoreT(t1, d1, BVO);
+        coopStoreT(t00, d00, BVO);
+        coopStoreT(t01, d01, BVO);
+        coopStoreT(t10, d10, BVO);
+        coopStoreT(t11, d11, BVO);
     }
     workgroupBarrier();
 
