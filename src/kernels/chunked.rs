@@ -60,7 +60,10 @@ impl ChunkSpec {
     /// head dim `k` and `max_bytes` of workgroup memory.
     pub fn output_mma_fits(&self, k: usize, tile: u32, max_bytes: u32) -> bool {
         let (k, c) = (k as u32, self.chunk);
-        c % (2 * tile) == 0 && k % tile == 0 && self.bvo % (2 * tile) == 0 && self.output_mma_bytes() <= max_bytes
+        c.is_multiple_of(2 * tile)
+            && k.is_multiple_of(tile)
+            && self.bvo.is_multiple_of(2 * tile)
+            && self.output_mma_bytes() <= max_bytes
     }
 
     /// The tiles of a forward of `p` on `caps`: the cooperative-matrix state walk where it fits

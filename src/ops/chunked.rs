@@ -280,7 +280,7 @@ fn record(
     }
     let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
     let wk16 = wk16.map(|b| (b, b_wk16));
-    let out16 = spec.out16.then(|| [(qk16, b_qk16), (h16, b_h16), (vn16, b_vn16)]);
+    let out16 = spec.out16.then_some([(qk16, b_qk16), (h16, b_h16), (vn16, b_vn16)]);
     Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16, out16 }))
 }
 
