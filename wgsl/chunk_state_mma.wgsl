@@ -47,8 +47,10 @@ var<workgroup> xs: array<f16, XN>;     // [C][XK]: -w, then K ∘ fac
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
 var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
 var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
-var<workgroup> seq_range: vec3<u32>;
-var<workgroup> sg_count: u32;
+// (lo, hi, flag) of the sequence's chunks in this window, and the subgroup count: one 16-byte variable,
+// so every workgroup variable is a multiple of 16 bytes and the f16 tiles start 16-byte aligned in
+// whatever order the driver lays them out (chunk_output_mma.wgsl, docs/PERF.md R37).
+var<workgroup> ctl: vec4<u32>;
 
 // What a step reads from global memory, for one thread: its words of the chunk's -w and K ∘ fac,
 // its share of u, and gc_last.
@@ -109,9 +111,10 @@ fn main(
     let hv = wid.x / tiles;
     let j0 = (wid.x % tiles) * BV;
     if (lid == 0u) {
-        seq_range = seq_range_of(n);
+        ctl = vec4<u32>(seq_range_of(n), nsg);
     }
-    let r = workgroupUniformLoad(&seq_range);
+    let cu = workgroupUniformLoad(&ctl);
+    let r = cu.xyz;
     if ((r.x == r.y) & (r.z == 0u)) { // `&`: naga lowers `&&` through a non-uniform local
         return; // no chunk of this sequence in this window
     }
@@ -122,12 +125,9 @@ fn main(
 
     // Subgroup sg takes tiles sg, sg + nsg, ... in rounds; the round count must be uniform (naga
     // requires uniform control flow around cooperative-matrix operations), so the subgroup count is
-    // read back uniformly, and a subgroup past the last tile redoes the last one (same inputs, same
-    // values written).
-    if (lid == 0u) {
-        sg_count = nsg;
-    }
-    let nsgu = workgroupUniformLoad(&sg_count);
+    // read back uniformly (in `ctl`), and a subgroup past the last tile redoes the last one (same
+    // inputs, same values written).
+    let nsgu = cu.w;
     let ct = BV / CT;               // tile columns
     let nvt = (CH / CT) * ct;       // v_new tiles
     let nst = (K / CT) * ct;        // S tiles

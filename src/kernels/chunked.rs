@@ -92,10 +92,10 @@ impl ChunkSpec {
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
-    /// these tiles and head dim `k`: xs, s16, s32, vs and two words, in bytes.
+    /// these tiles and head dim `k`: xs, s16, s32, vs and `ctl`, in bytes.
     pub fn mma_workgroup_bytes(&self, k: usize) -> u32 {
         let (k, c, bv) = (k as u32, self.chunk, self.bv);
-        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + 4 * c * bv + 32
+        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + 4 * c * bv + 16
     }
 
     /// Whether the cooperative-matrix state walk runs these tiles with `tile` x `tile` matrices,
