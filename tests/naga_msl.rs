@@ -107,7 +107,8 @@ fn chunked_keys(kernel: Kernel) -> Vec<(String, PipelineKey)> {
             let opts = if i % 2 == 0 { Options::default() } else { Options::mlx() };
             let dt = [DType::F32, DType::F16, DType::BF16][(i + chunk as usize / 16) % 3];
             let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
-            let spec = ChunkSpec::choose(chunk, k, v);
+            let mut spec = ChunkSpec::choose(chunk, k, v);
+            spec.w16 = i == 1; // the w/u pass writing the f16 operands (and the pack pass not)
             let key = if kernel.chunk_bwd() {
                 spec.bwd_key(kernel, &p, dt, (i % 2 == 0).then_some(DType::BF16))
             } else {
@@ -139,6 +140,7 @@ fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
             }
             spec.out16 = spec.output_mma_fits(k, tile, 48 << 10);
             spec.keep_f32 = !spec.out16 || i % 2 == 0;
+            spec.w16 = i != 1;
             if kernel == Kernel::ChunkOutputMma && !spec.out16 {
                 continue;
             }

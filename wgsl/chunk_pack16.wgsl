@@ -4,11 +4,12 @@
 //     wk16[lc, hv, 1][i, m] = k_i[m] exp(gc_last - gc_i)      (0 for rows i >= len)
 // and with OUT16 those of the cooperative-matrix output pass (chunk_output_mma.wgsl), per key head:
 //     qk16[lc, hk, 0][i, m] = q_i[m],  qk16[lc, hk, 1][i, m] = k_i[m]   (0 for rows i >= len)
+// Under W16 chunk_wu.wgsl makes wk16 and k of qk16, and this pass only q of qk16.
 // Outputs wk16 [L, HV, 2, C, K] and qk16 [L, H, 2, C, K] as u32 words of two halves (columns m, m + 1), rounded to nearest even
 // by bit operations (prelude), so this pass needs no f16 support.
 //
-// Grid: (HV * C * K / (2 * WG), local chunks on y/z); one thread per word of both planes (threads
-// of the first H heads also take a word of each qk16 plane).
+// Grid: (HV * C * K / (2 * WG), local chunks on y/z) (H instead of HV under W16); one thread per word
+// of both planes (threads of the first H heads also take a word of each qk16 plane).
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
@@ -25,7 +26,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let lc = local_chunk(wid);
     let words = CH * K / 2u; // per plane
     let x = wid.x * WG + lid;
-    if (lc >= P.n_local || x >= HV * words) {
+    if (lc >= P.n_local || x >= select(HV, H, W16) * words) {
         return;
     }
     let hv = x / words;
@@ -35,13 +36,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hb = (lc * HV + hv) * CH;
     let wi = (hb + i) * K + m;
     let plane = (lc * HV + hv) * 2u * words;
-    wk16[plane + x % words] = pack_halves(-w[wi], -w[wi + 1u]);
-    var kd = vec2<f32>(0.0);
-    if (i < ch.y) {
-        let kb = ((ch.x + i) * H + hv / GROUP) * K + m;
-        kd = exp(gc[hb + ch.y - 1u] - gc[hb + i]) * vec2<f32>(ld_k(kb), ld_k(kb + 1u));
+    if (!W16) {
+        wk16[plane + x % words] = pack_halves(-w[wi], -w[wi + 1u]);
+        var kd = vec2<f32>(0.0);
+        if (i < ch.y) {
+            let kb = ((ch.x + i) * H + hv / GROUP) * K + m;
+            kd = exp(gc[hb + ch.y - 1u] - gc[hb + i]) * vec2<f32>(ld_k(kb), ld_k(kb + 1u));
+        }
+        wk16[plane + words + x % words] = pack_halves(kd.x, kd.y);
     }
-    wk16[plane + words + x % words] = pack_halves(kd.x, kd.y);
     if (OUT16 && hv < H) {
         var qv = vec2<f32>(0.0);
         var kv = vec2<f32>(0.0);
@@ -52,6 +55,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         let qp = (lc * H + hv) * 2u * words + x % words;
         qk16[qp] = pack_halves(qv.x, qv.y);
-        qk16[qp + words] = pack_halves(kv.x, kv.y);
+        if (!W16) {
+            qk16[qp + words] = pack_halves(kv.x, kv.y);
+        }
     }
 }

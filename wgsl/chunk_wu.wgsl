@@ -4,7 +4,10 @@
 //     w[i, :] = sum_{j <= i} A_ij bm_j exp(gc_j) k_j        [C x K]
 //     u[i, :] = sum_{j <= i} A_ij bm_j v_j                  [C x V]
 // (bm = beta with masked tokens zeroed; padded rows j >= len contribute nothing.)
-// Outputs w [L, HV, C, K], u [L, HV, C, V].
+// Outputs w [L, HV, C, K], u [L, HV, C, V]; with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
+// (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k of qk16
+// [L, H, 2, C, K] (by the first value head of each key head), all f16 two to a word; w in f32 then
+// only with KEEP_F32. This saves chunk_pack16.wgsl a read of w and of k per value head.
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
 // w (tiles below K) or of u, out[:, tile] = A X[:, tile] with X = (bm exp(gc)) ∘ K or bm ∘ V, as a
@@ -24,6 +27,8 @@
 @group(0) @binding(6) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read_write> w: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> u: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> wk16: array<u32>;
+@group(0) @binding(10) var<storage, read_write> qk16: array<u32>;
 
 const BS: u32 = 16u;   // contraction slice (rows j of X, columns of A)
 const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BD / 4 <= 16, plus one
@@ -31,6 +36,7 @@ const CP: u32 = 17u;   // vec4s per row of a transposed slice: C / 4 and BD / 4 
 var<workgroup> la: array<vec4<f32>, 272>;   // slice of A, [jj][i / 4] at jj * CP + i / 4
 var<workgroup> rx: array<vec4<f32>, 272>;   // slice of X, [jj][c / 4] at jj * CP + c / 4
 var<workgroup> fs: array<f32, 64>;          // row factor of X: bm exp(gc) (w) or bm (u); 0 past len
+var<workgroup> fk: array<f32, 64>;          // exp(gc_last - gc) (W16); 0 past len
 
 // Elements i and i + 1 (i even) of k or v: one word for f16/bf16. Loading X in pairs halves the
 // load instructions of the 16-bit inputs (H100, bf16: 0.194 -> 0.158 ms per window).
@@ -105,6 +111,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
         fs[lid] = f;
+        fk[lid] = select(0.0, exp(gc[hb + ch.y - 1u] - gc[hb + min(lid, ch.y - 1u)]), lid < ch.y);
     }
 
     let q4 = CH / 4u;
@@ -132,6 +139,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let f = fs[j0 + jj];
             rx[jj * CP + c / 4u][c % 4u] = f * nx.r[x].x;
             rx[jj * CP + c / 4u][c % 4u + 1u] = f * nx.r[x].y;
+            if (W16 && is_w) {
+                // The staged keys as the walk's operand K ∘ exp(gc_last - gc), and raw for qk16.
+                let j = j0 + jj;
+                let fkj = fk[j];
+                wk16[hb * K + (CH * K + j * K + d0 + c) / 2u] = pack_halves(fkj * nx.r[x].x, fkj * nx.r[x].y);
+                if (OUT16 && hv % GROUP == 0u) {
+                    qk16[((lc * H + hk) * 2u * CH + CH + j) * (K / 2u) + (d0 + c) / 2u] =
+                        pack_halves(nx.r[x].x, nx.r[x].y);
+                }
+            }
         }
         workgroupBarrier();
         if (j0 + BS < CH) {
@@ -147,7 +164,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var r = 0u; r < 4u; r++) {
             let i = tr * 4u + r;
             if (is_w) {
-                w[((hb + i) * K + d0 + tc * 4u) / 4u] = acc[r];
+                if (KEEP_F32 || !W16) {
+                    w[((hb + i) * K + d0 + tc * 4u) / 4u] = acc[r];
+                }
+                if (W16) {
+                    let at = hb * K + (i * K + d0 + tc * 4u) / 2u;
+                    wk16[at] = pack_halves(-acc[r].x, -acc[r].y);
+                    wk16[at + 1u] = pack_halves(-acc[r].z, -acc[r].w);
+                }
             } else {
                 u[((hb + i) * V + d0 - K + tc * 4u) / 4u] = acc[r];
             }

@@ -32,9 +32,12 @@ pub struct ChunkSpec {
     /// The output pass runs on cooperative matrices (`chunk_output_mma.wgsl`), from the f16 operands
     /// that the pack and state passes then write (`OUT16`).
     pub out16: bool,
-    /// The state walk writes S and v_new in f32 (`KEEP_F32`): for the SIMT output pass, a training
-    /// forward's saved states and the stage tests.
+    /// The state walk writes S and v_new in f32, and under `w16` the w/u pass w (`KEEP_F32`): for the
+    /// SIMT passes, a training forward's saved states and the stage tests.
     pub keep_f32: bool,
+    /// The w/u pass writes the state walk's f16 operands (`W16`, with `wk16`), and with `out16` k of
+    /// `qk16`; the pack pass then only makes q.
+    pub w16: bool,
 }
 
 impl ChunkSpec {
@@ -46,7 +49,7 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true, w16: false }
     }
 
     /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`): pf,
@@ -147,6 +150,7 @@ impl ChunkSpec {
                 ("BD", self.bd as f64),
                 ("OUT16", b(self.out16)),
                 ("KEEP_F32", b(self.keep_f32)),
+                ("W16", b(self.w16)),
             ],
         );
         match (kernel.mma(), self.mma) {

@@ -197,7 +197,10 @@ impl Kernel {
             // Chunked passes: params, chunk table, then the pass's own buffers (see its WGSL).
             Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
-            Kernel::ChunkWu => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            // k, v, gc, bm, a | w, u, wk16, qk16
+            Kernel::ChunkWu => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite]
+            }
             // k, gc, w | wk16; q | qk16
             Kernel::ChunkPack16 => &[Uniform, Read, Read, Read, Read, ReadWrite, Read, ReadWrite],
             Kernel::ChunkState => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],

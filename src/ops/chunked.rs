@@ -174,7 +174,7 @@ fn record(
     let c = chunk as usize;
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
-    let spec = ChunkSpec::for_forward(chunk, p, caps, pack16 || states.is_some());
+    let mut spec = ChunkSpec::for_forward(chunk, p, caps, pack16 || states.is_some());
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
     check_workgroup_memory(caps)?;
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
@@ -182,6 +182,7 @@ fn record(
     // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
     // watchdogs): see `Gpu::max_tokens_per_dispatch`.
     let set = spec.scratch_set(pack16);
+    spec.w16 = set.packed; // the w/u pass writes the f16 operands wherever they are made
     let max_local =
         max_local_chunks(p, c, set, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
@@ -207,8 +208,9 @@ fn record(
     };
     let per_state = (d.hv * d.k * d.v * 4) as u64;
     let mut first = 0u64; // the window's first slot in the canonical states
-                          // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_pack16.wgsl) instead of w, k;
-                          // the cooperative-matrix output pass q, k, S and v_new as f16 (OUT16).
+
+    // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_wu.wgsl, W16) instead of w, k;
+    // the cooperative-matrix output pass q, k, S and v_new as f16 (OUT16).
     let wk16 = if set.packed { Some(graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)?) } else { None };
     let qk16 = opt(graph, "wgdelta.chunk.qk16", b_qk16)?;
     let h16 = opt(graph, "wgdelta.chunk.h16", b_h16)?;
@@ -237,9 +239,13 @@ fn record(
         let ps =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
-            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], hv, kv, [cy, cz])?;
-            if let Some(wk16) = &wk16 {
-                let words = (d.hv * c * d.k / 2) as u32;
+            let wk = wk16.as_ref().unwrap_or(&h16); // (untouched without W16)
+            let f16_bufs = [wk, &qk16];
+            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], f16_bufs, hv, kv, [cy, cz])?;
+            // Under W16 the pack pass only makes q (OUT16).
+            if let Some(wk16) = wk16.as_ref().filter(|_| !spec.w16 || spec.out16) {
+                let heads = if spec.w16 { d.h } else { d.hv };
+                let words = (heads * c * d.k / 2) as u32;
                 graph.dispatch(
                     &spec.key(Kernel::ChunkPack16, p),
                     &[&pc, &info, &x.k.buffer, &gc, &w, wk16, &x.q.buffer, &qk16],
@@ -387,7 +393,8 @@ pub(crate) fn window_slice(states: &wgpu::Buffer, first: u64, n: u64, per: u64) 
     wgpu::BufferBinding { buffer: states, offset: first * per, size: std::num::NonZeroU64::new(size) }
 }
 
-/// Records the passes before the state walk: cumsum, kkt_solve, wu.
+/// Records the passes before the state walk: cumsum, kkt_solve, wu. `wk16`, `qk16`: where the w/u
+/// pass writes the f16 operands under `spec.w16` (bound, untouched, without).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_chunk_passes(
     graph: &mut PassGraph,
@@ -395,6 +402,7 @@ pub(crate) fn record_chunk_passes(
     spec: &ChunkSpec,
     x: &Inputs,
     [pc, info, gc, bm, a, w, u]: [&wgpu::Buffer; 7],
+    [wk16, qk16]: [&wgpu::Buffer; 2],
     hv: u32,
     kv: u32,
     [cy, cz]: [u32; 2],
@@ -411,7 +419,7 @@ pub(crate) fn record_chunk_passes(
     )?;
     graph.dispatch(
         &spec.key(Kernel::ChunkWu, p),
-        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u],
+        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u, wk16, qk16],
         [hv * (kv / spec.bd), cy, cz],
     )
 }

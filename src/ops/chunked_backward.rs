@@ -109,7 +109,12 @@ pub(crate) fn backward(
         let (q, k, v, g) = (&x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer);
         let dout = &d_o.buffer;
         if nl > 0 {
-            record_chunk_passes(&mut graph, p, &spec, &x, [&pc, &info, gc, bm, a, w, u], hv, kv, [cy, cz])?;
+            let unused = [
+                graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?,
+                graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?,
+            ];
+            let f16_bufs = [&unused[0], &unused[1]];
+            record_chunk_passes(&mut graph, p, &spec, &x, [&pc, &info, gc, bm, a, w, u], f16_bufs, hv, kv, [cy, cz])?;
             graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdLocal),
                 &[
