@@ -266,7 +266,7 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
         ("v_new", rel_err(&unpad(&s, &s.v_new, rows, c.hv, ch, c.v), &fh.v_new)),
         ("h", rel_err(&s.h[..fh.h.len()], &fh.h)),
     ];
-    // chunk_pack16.wgsl's f16 operands of the cooperative-matrix walk: -w rounded to nearest even (bit
+    // chunk_wu.wgsl's f16 operands of the cooperative-matrix walk: -w rounded to nearest even (bit
     // for bit against the `half` crate, from the pass's own f32 w), and K ∘ exp(gc_last - gc).
     let (hv, kdim) = (c.hv, c.k);
     let mut kd_ref = vec![0.0f64; s.wk16.len() / 2];

@@ -11,7 +11,7 @@
 //   u, vn  [L, HV, C, V]   u = A (beta ∘ V), v_new = u - w S
 //   h      [L, HV, K, V]   state at the start of the chunk (kv order)
 //   wk16   [L, HV, 2, C, K] f16, two to a u32 word: -w, then K ∘ exp(gc_last - gc) (rows i >= len
-//                          zero): the operands of chunk_state_mma.wgsl (chunk_pack16.wgsl)
+//                          zero): the operands of chunk_state_mma.wgsl (chunk_wu.wgsl, W16)
 //   qk16   [L, H, 2, C, K]  f16: q, then k (rows i >= len zero), per key head  } OUT16: operands of
 //   h16    [L, HV, K, V]    f16: h                                               } chunk_output_mma
 //   vn16   [L, HV, C, V]    f16: v_new                                           } .wgsl
@@ -67,13 +67,13 @@ override BV: u32 = 16u;      // state pass: value columns per workgroup (divides
 override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
 override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
 // The f16 operands of the cooperative-matrix output pass (chunk_output_mma.wgsl): q, k from
-// chunk_pack16.wgsl, S and v_new from chunk_state_mma.wgsl.
+// chunk_pack16.wgsl and chunk_wu.wgsl, S and v_new from chunk_state_mma.wgsl.
 override OUT16: bool = false;
 // chunk_state_mma.wgsl also writes S and v_new in f32 (h, vn), and chunk_wu.wgsl w in f32 under W16:
 // for the SIMT passes, a training forward's saved states and the stage tests.
 override KEEP_F32: bool = true;
 // chunk_wu.wgsl writes the state walk's f16 operands wk16 (-w from its result, K ∘ exp(gc_last - gc)
-// from the keys it stages) and, with OUT16, k of qk16; chunk_pack16.wgsl then only makes q of qk16.
+// from the keys it stages) and, with OUT16, k of qk16 (q of qk16: chunk_pack16.wgsl).
 override W16: bool = false;
 
 // Workgroup size of every chunked pass.

@@ -9,7 +9,7 @@
 // Apple). Operands of the products are f16 (-w, S, K ∘ fac, v_new); products and S accumulate in
 // f32, so the state itself never loses precision between chunks; this is the precision of FLA's
 // kernel for f16/bf16 inputs and is used for those only (f32 inputs take chunk_state.wgsl).
-// The f16 operands -w and K ∘ fac (fac_i = exp(gc_last - gc_i)) come ready from chunk_pack16.wgsl
+// The f16 operands -w and K ∘ fac (fac_i = exp(gc_last - gc_i)) come ready from chunk_wu.wgsl (W16)
 // (`wk16`), so a step only copies them: each thread moves a few 4-half vectors per operand,
 // with no decoding, exponentials or conversions on the sequential path.
 //

@@ -7,7 +7,7 @@
 // Outputs w [L, HV, C, K], u [L, HV, C, V]; with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
 // (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k of qk16
 // [L, H, 2, C, K] (by the first value head of each key head), all f16 two to a word; w in f32 then
-// only with KEEP_F32. This saves chunk_pack16.wgsl a read of w and of k per value head.
+// only with KEEP_F32. (A separate pass made them before, reading w and k per value head again.)
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
 // w (tiles below K) or of u, out[:, tile] = A X[:, tile] with X = (bm exp(gc)) ∘ K or bm ∘ V, as a

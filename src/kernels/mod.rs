@@ -64,12 +64,13 @@ pub enum Kernel {
     ChunkKktSolve,
     /// Chunked forward, step 3: w = A (beta exp(gc) K), u = A (beta V).
     ChunkWu,
-    /// Before step 4 on cooperative matrices: -w and K ∘ decay as f16.
+    /// Before step 5 on cooperative matrices: q as f16 (the other f16 operands come from w/u and the
+    /// state walk).
     ChunkPack16,
     /// Chunked forward, step 4: the chunk-to-chunk state walk (per-chunk states, v_new, ht).
     ChunkState,
     /// Step 4 on cooperative matrices (f16 operands, f32 accumulation): same bindings and outputs,
-    /// except that binding 4 is `chunk_pack16.wgsl`'s f16 operands instead of w.
+    /// except that binding 4 is the f16 operands `chunk_wu.wgsl` writes (W16) instead of w.
     ChunkStateMma,
     /// Chunked forward, step 5: the output.
     ChunkOutput,
@@ -201,8 +202,8 @@ impl Kernel {
             Kernel::ChunkWu => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite]
             }
-            // k, gc, w | wk16; q | qk16
-            Kernel::ChunkPack16 => &[Uniform, Read, Read, Read, Read, ReadWrite, Read, ReadWrite],
+            // q | qk16
+            Kernel::ChunkPack16 => &[Uniform, Read, Read, ReadWrite],
             Kernel::ChunkState => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
             // k, gc, wk16, u, h0 | h, vn, state, h16, vn16
             Kernel::ChunkStateMma => {

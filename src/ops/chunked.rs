@@ -149,14 +149,14 @@ pub(crate) struct Saved {
     pub sizes: [u64; 7],
     /// The last window's local chunks: (start row, len, sequence).
     pub chunks: Vec<[u32; 3]>,
-    /// The packed f16 operands (`wk16`) and their size, when `chunk_pack16.wgsl` made them.
+    /// The packed f16 operands (`wk16`) and their size, when `chunk_wu.wgsl` made them (W16).
     pub wk16: Option<(wgpu::Buffer, u64)>,
     /// The cooperative-matrix output pass's f16 operands qk16, h16, vn16 and their sizes (`OUT16`).
     pub out16: Option<[(wgpu::Buffer, u64); 3]>,
 }
 
 /// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
-/// `pack16` makes the f16 operands of the cooperative-matrix walk (`chunk_pack16.wgsl`) even where
+/// `pack16` makes the f16 operands of the cooperative-matrix walk (`chunk_wu.wgsl`, W16) even where
 /// the walk that runs does not use them (stage tests check them on every device); `states`, the
 /// saved states of a training forward, takes the place of the per-window scratch `h`.
 #[allow(clippy::too_many_arguments)]
@@ -242,13 +242,11 @@ fn record(
             let wk = wk16.as_ref().unwrap_or(&h16); // (untouched without W16)
             let f16_bufs = [wk, &qk16];
             record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], f16_bufs, hv, kv, [cy, cz])?;
-            // Under W16 the pack pass only makes q (OUT16).
-            if let Some(wk16) = wk16.as_ref().filter(|_| !spec.w16 || spec.out16) {
-                let heads = if spec.w16 { d.h } else { d.hv };
-                let words = (heads * c * d.k / 2) as u32;
+            if spec.out16 {
+                let words = (d.h * c * d.k / 2) as u32;
                 graph.dispatch(
                     &spec.key(Kernel::ChunkPack16, p),
-                    &[&pc, &info, &x.k.buffer, &gc, &w, wk16, &x.q.buffer, &qk16],
+                    &[&pc, &info, &x.q.buffer, &qk16],
                     [words.div_ceil(WG), cy, cz],
                 )?;
             }
