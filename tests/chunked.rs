@@ -294,6 +294,48 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
     let ekd = rel_err(&kd_got, &kd_ref);
     assert!(ekd <= 2e-3, "{}: K ∘ decay as f16 off by {ekd:.2e}", c.label());
 
+    // The cooperative-matrix output pass's f16 operands: q (made wherever the stages are recorded) and
+    // k (with that pass) as the inputs rounded to f16, and S, v_new as the walk's own f32 values
+    // rounded to f16.
+    if let Some(qk16) = &s.qk16 {
+        let f = |b: u16| half::f16::from_bits(b).to_f32();
+        // (exact but for inputs below f16's normal range)
+        let ok = |got: u16, want: f64| (f(got) as f64 - want).abs() <= 6e-8 + 1e-3 * want.abs();
+        let with_k = s.out16.is_some();
+        for (lc, &[start, len, _]) in s.chunks.iter().enumerate() {
+            for hk in 0..c.h {
+                for i in 0..ch {
+                    for m in 0..kdim {
+                        let at = ((lc * c.h + hk) * 2 * ch + i) * kdim + m;
+                        let (wq, wk) = if i < len as usize {
+                            let x = ((start as usize + i) * c.h + hk) * kdim + m;
+                            (q[x], k[x])
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        assert!(
+                            ok(qk16[at], wq) && (!with_k || ok(qk16[at + ch * kdim], wk)),
+                            "{}: q, k as f16 at chunk {lc} head {hk} ({i}, {m})",
+                            c.label()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Some([h16, vn16]) = &s.out16 {
+        let f = |b: u16| half::f16::from_bits(b).to_f32();
+        let near = |got: u16, want: f32| (f(got) - want).abs() <= 1e-3 * want.abs().max(1e-2);
+        let nh = s.h.len().min(h16.len());
+        let bad_h = (0..nh).filter(|&i| !near(h16[i], s.h[i])).count();
+        let bad_vn = (0..s.v_new.len()).filter(|&i| !near(vn16[i], s.v_new[i])).count();
+        println!(
+            "f16 operands of the output pass: {bad_h} of {nh} of h16 and {bad_vn} of {} of vn16 off",
+            s.v_new.len()
+        );
+        assert!(bad_h == 0 && bad_vn == 0, "{}: h16 or vn16 differ from h, v_new", c.label());
+    }
+
     let o = e.download(&s.out.o).unwrap().to_f32();
     let mut o_ref = rc::chunk_fwd_o(&p, &q, &k, &fh.v_new, &fh.h, &gc, ch);
     if let Some(m) = mask {

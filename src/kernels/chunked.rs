@@ -91,7 +91,12 @@ impl ChunkSpec {
     /// The optional scratch buffers a forward with these tiles holds; `packed`: the state walk's f16
     /// operands even where the walk that runs does not use them (stage tests).
     pub fn scratch_set(&self, packed: bool) -> ScratchSet {
-        ScratchSet { packed: packed || self.mma.is_some(), out16: self.out16, f32_states: self.keep_f32 }
+        ScratchSet {
+            packed: packed || self.mma.is_some(),
+            out16: self.out16,
+            q16: self.out16 || packed,
+            f32_states: self.keep_f32,
+        }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
@@ -251,6 +256,8 @@ pub struct ScratchSet {
     pub packed: bool,
     /// The cooperative-matrix output pass's f16 operands (`qk16`, `h16`, `vn16`).
     pub out16: bool,
+    /// q as f16 (`qk16`, made by `chunk_pack16.wgsl`): with `out16`, and in the stage tests.
+    pub q16: bool,
     /// S and v_new in f32 (`h`, `vn`).
     pub f32_states: bool,
 }
@@ -271,7 +278,7 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
         on(set.f32_states, f * hv * c * v),
         on(set.f32_states, f * hv * k * v),
         on(set.packed, 2 * 2 * hv * c * k),
-        on(set.out16, 2 * 2 * h * c * k),
+        on(set.out16 || set.q16, 2 * 2 * h * c * k),
         on(set.out16, 2 * hv * k * v),
         on(set.out16, 2 * hv * c * v),
     ]
@@ -384,8 +391,8 @@ mod tests {
     }
 
     /// The scratch of an inference forward on SIMT passes and on cooperative matrices.
-    const SIMT: ScratchSet = ScratchSet { packed: false, out16: false, f32_states: true };
-    const MMA: ScratchSet = ScratchSet { packed: true, out16: true, f32_states: false };
+    const SIMT: ScratchSet = ScratchSet { packed: false, out16: false, q16: false, f32_states: true };
+    const MMA: ScratchSet = ScratchSet { packed: true, out16: true, q16: true, f32_states: false };
 
     /// Peak scratch of the memory case: B=1, T=16384, HV=32, K=V=128, chunk 64, with the
     /// SIMT passes and with the cooperative-matrix passes' f16 operands.

@@ -151,8 +151,10 @@ pub(crate) struct Saved {
     pub chunks: Vec<[u32; 3]>,
     /// The packed f16 operands (`wk16`) and their size, when `chunk_wu.wgsl` made them (W16).
     pub wk16: Option<(wgpu::Buffer, u64)>,
-    /// The cooperative-matrix output pass's f16 operands qk16, h16, vn16 and their sizes (`OUT16`).
-    pub out16: Option<[(wgpu::Buffer, u64); 3]>,
+    /// q and k as f16 (`qk16`) and its size, when made (k only with OUT16).
+    pub qk16: Option<(wgpu::Buffer, u64)>,
+    /// The cooperative-matrix output pass's other f16 operands h16, vn16 and their sizes (`OUT16`).
+    pub out16: Option<[(wgpu::Buffer, u64); 2]>,
 }
 
 /// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
@@ -242,7 +244,7 @@ fn record(
             let wk = wk16.as_ref().unwrap_or(&h16); // (untouched without W16)
             let f16_bufs = [wk, &qk16];
             record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], f16_bufs, hv, kv, [cy, cz])?;
-            if spec.out16 {
+            if set.q16 {
                 let words = (d.h * c * d.k / 2) as u32;
                 graph.dispatch(
                     &spec.key(Kernel::ChunkPack16, p),
@@ -284,8 +286,9 @@ fn record(
     }
     let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
     let wk16 = wk16.map(|b| (b, b_wk16));
-    let out16 = spec.out16.then_some([(qk16, b_qk16), (h16, b_h16), (vn16, b_vn16)]);
-    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16, out16 }))
+    let qk16 = set.q16.then_some((qk16, b_qk16));
+    let out16 = spec.out16.then_some([(h16, b_h16), (vn16, b_vn16)]);
+    Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16, qk16, out16 }))
 }
 
 /// Intermediate results of the chunked forward (tests compare them with `reference::chunked`
@@ -312,9 +315,11 @@ pub struct ChunkStages {
     pub h: Vec<f32>,
     /// `[L, HV, 2, C, K]` IEEE half bits: -w, then K ∘ exp(gc_last - gc) (rows past the chunk zero).
     pub wk16: Vec<u16>,
-    /// With the cooperative-matrix output pass, its f16 operands (IEEE half bits): q, k
-    /// `[L, H, 2, C, K]`, h `[L, HV, K, V]` (by local chunk, like `h`), v_new `[L, HV, C, V]`.
-    pub out16: Option<[Vec<u16>; 3]>,
+    /// q, k as f16 `[L, H, 2, C, K]` (IEEE half bits; k only with the cooperative-matrix output pass).
+    pub qk16: Option<Vec<u16>>,
+    /// With the cooperative-matrix output pass, its other f16 operands: h `[L, HV, K, V]` (by local
+    /// chunk, like `h`), v_new `[L, HV, C, V]`.
+    pub out16: Option<[Vec<u16>; 2]>,
 }
 
 impl Engine {
@@ -343,6 +348,7 @@ impl Engine {
             Ok(t)
         };
         let wk = halves(&(wk_buf, wk_size))?;
+        let q16 = saved.qk16.as_ref().map(&mut halves).transpose()?;
         let o16 = match &saved.out16 {
             Some(bufs) => Some(bufs.iter().map(&mut halves).collect::<Result<Vec<_>>>()?),
             None => None,
@@ -358,12 +364,13 @@ impl Engine {
         let h = v.pop().expect("h is the last stage");
         let slots = state_slots(&p, &saved.chunks, chunk);
         v.push(slots.iter().flat_map(|&s| h[s as usize * per..(s as usize + 1) * per].iter().copied()).collect());
+        let qk16 = q16.as_ref().map(bits).transpose()?;
         let out16 = match o16 {
             Some(ts) => {
-                let [qk, h16, vn] = [bits(&ts[0])?, bits(&ts[1])?, bits(&ts[2])?];
+                let [h16, vn] = [bits(&ts[0])?, bits(&ts[1])?];
                 let h16 =
                     slots.iter().flat_map(|&s| h16[s as usize * per..(s as usize + 1) * per].iter().copied()).collect();
-                Some([qk, h16, vn])
+                Some([h16, vn])
             }
             None => None,
         };
@@ -379,6 +386,7 @@ impl Engine {
             v_new: next(),
             h: next(),
             wk16,
+            qk16,
             out16,
         })
     }
