@@ -10,7 +10,7 @@ use wgdelta::*;
 /// An engine whose backward uses `accum`, with checkpoints every `every` tokens (`None`: default).
 fn engine_with(accum: Accum, every: Option<usize>, no_subgroups: bool) -> Engine {
     let gpu = Gpu::with_options(&GpuOptions {
-        shader_checks: Some(true),
+        shader_checks: checks(),
         disable_features: if no_subgroups { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() },
         ..Default::default()
     })
@@ -491,8 +491,7 @@ fn chunked_gradients_with_cu_seqlens_mask_and_options() {
 #[test]
 fn chunked_backward_runs_its_passes_and_repeats_bitwise() {
     // A small window budget forces several windows: dS crosses windows through the carry.
-    let gpu =
-        Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("a GPU adapter");
+    let gpu = Gpu::with_options(&GpuOptions { shader_checks: checks(), ..Default::default() }).expect("a GPU adapter");
     let e = Engine::with_settings(
         gpu,
         Settings {
@@ -555,8 +554,7 @@ fn chunked_backward_refuses_what_it_cannot_do() {
     let err = e.forward_train(&dev.inputs(None), &c.opts).expect_err("per-key gate");
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
     // States saved at another interval cannot seed the chunked walk.
-    let gpu =
-        Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("a GPU adapter");
+    let gpu = Gpu::with_options(&GpuOptions { shader_checks: checks(), ..Default::default() }).expect("a GPU adapter");
     let e5 = Engine::with_settings(gpu, Settings { checkpoint_every: Some(5), ..Default::default() });
     let c = chunked(Case::new(1, 20, 1, 2, 32, 32), 16);
     let d = c.data();
@@ -570,8 +568,7 @@ fn chunked_backward_refuses_what_it_cannot_do() {
 /// recurrent kernel.
 #[test]
 fn auto_backward_is_chunked_for_a_scalar_gate() {
-    let gpu =
-        Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("a GPU adapter");
+    let gpu = Gpu::with_options(&GpuOptions { shader_checks: checks(), ..Default::default() }).expect("a GPU adapter");
     let plain = Engine::with_settings(gpu, Settings { poison_outputs: Some(true), ..Default::default() });
     let e = &plain;
     let mut c = Case::new(1, 150, 2, 4, 32, 32);

@@ -150,7 +150,7 @@ fn head_dims() {
 fn engine_small_windows() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| {
-        let gpu = Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("adapter");
+        let gpu = Gpu::with_options(&GpuOptions { shader_checks: checks(), ..Default::default() }).expect("adapter");
         let settings = Settings { poison_outputs: Some(true), chunk_window_bytes: Some(200_000), ..Default::default() };
         Engine::with_settings(gpu, settings)
     })
@@ -210,7 +210,7 @@ fn auto_plan() {
 /// A warm engine allocates no scratch for a repeated call of the same shape.
 #[test]
 fn scratch_is_pooled() {
-    let gpu = Gpu::with_options(&GpuOptions { shader_checks: Some(true), ..Default::default() }).expect("adapter");
+    let gpu = Gpu::with_options(&GpuOptions { shader_checks: checks(), ..Default::default() }).expect("adapter");
     let e = Engine::with_settings(gpu, Settings { poison_outputs: Some(true), ..Default::default() });
     let c = chunked(&Case { h0: true, ..Case::new(2, 300, 2, 4, 64, 64) }, 64);
     check_forward(&e, &c);

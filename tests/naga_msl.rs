@@ -2,9 +2,9 @@
 //! backends take it: WGSL front end, validation, override constants from real pipeline keys, then
 //! MSL and SPIR-V. No GPU needed: this is what keeps the Metal path honest on a Linux machine.
 use std::collections::BTreeMap;
-use wgdelta::device::Caps;
+use wgdelta::device::{Caps, CoopShape};
 use wgdelta::kernels::backward::{reduce_partials_key, BackwardSpec};
-use wgdelta::kernels::chunked::ChunkSpec;
+use wgdelta::kernels::chunked::{ChunkSpec, ForwardPurpose};
 use wgdelta::kernels::recurrent::{RecurrentSpec, StateSrc, Tiles};
 use wgdelta::kernels::{assemble_mma, Accum, Kernel, PipelineKey, Reduce, MMA_TILES};
 use wgdelta::problem::{InputsMeta, TensorMeta};
@@ -122,25 +122,22 @@ fn chunked_keys(kernel: Kernel) -> Vec<(String, PipelineKey)> {
 
 /// Keys of a cooperative-matrix pass: the head dims and chunk sizes whose tiles fit, f16/bf16 inputs.
 fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
+    // An adapter offering `tile` x `tile` f16 -> f32 tiles and 48 KiB of workgroup memory; the variants
+    // are the forward's own choice (`ChunkSpec::for_forward`) for each purpose.
+    let caps = Caps {
+        coop_matrix: vec![CoopShape { m: tile, n: tile, k: tile, ab: "f16", cr: "f32" }],
+        max_workgroup_storage: 48 << 10,
+        ..caps(true)
+    };
+    let purposes = [ForwardPurpose::Inference, ForwardPurpose::Training, ForwardPurpose::Stages];
     let mut out = Vec::new();
     for (i, (k, v)) in [(16, 16), (64, 32), (128, 128), (128, 64)].into_iter().enumerate() {
         for chunk in [16, 32, 64] {
             let opts = if i % 2 == 0 { Options::default() } else { Options::mlx() };
             let dt = [DType::F16, DType::BF16][(i + chunk as usize / 16) % 2];
             let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
-            let mut spec = ChunkSpec::choose(chunk, k, v);
-            assert!(spec.mma_fits(k, tile, 48 << 10), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
-            spec.mma = Some(tile);
-            // The f16 outputs for the cooperative-matrix output pass, with and without the f32 ones;
-            // that pass only where it fits (the whole V a workgroup where that fits, as the forward
-            // picks).
-            let whole = ChunkSpec { bvo: v as u32, ..spec };
-            if whole.output_mma_fits(k, tile, 48 << 10) {
-                spec.bvo = whole.bvo;
-            }
-            spec.out16 = spec.output_mma_fits(k, tile, 48 << 10);
-            spec.keep_f32 = !spec.out16 || i % 2 == 0;
-            spec.w16 = i != 1;
+            let spec = ChunkSpec::for_forward(chunk, &p, &caps, purposes[(i + chunk as usize / 16) % 3]);
+            assert_eq!(spec.mma, Some(tile), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
             if kernel == Kernel::ChunkOutputMma && !spec.out16 {
                 continue;
             }

@@ -7,7 +7,7 @@
 //
 // Grid: (HV, local chunks on y/z).
 // Tiling as chunk_output.wgsl: P = Q K^T (C x C) first, each thread owning a 4x4 block in registers
-// (qk_block, chunk_qk.wgsl), kept in workgroup memory (lp) row by row: a row of P is a row of the
+// (p_block, chunk_qk.wgsl), kept in workgroup memory (lp) row by row: a row of P is a row of the
 // transposed left operand P^T.
 // Then, per tile of BVO value columns, one product over K + C terms into two 4x4 register blocks:
 //     vn[:, tile]  = u - W h[:, tile]         (terms < K: w and rows of h)
@@ -59,26 +59,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
-    if (lid < CH) {
-        gcs[lid] = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
-    }
 
-    // P = Q K^T: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4.
+    // P: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4, kept row by row.
     let q4 = CH / 4u;
     let ti = lid / q4;
     let tj = lid % q4;
-    let pacc = qk_block(lid, ch, hk);
+    let pm = p_block(lid, ch, hk, hb, P.scale);
     if (ti < q4) {
         for (var a = 0u; a < 4u; a++) {
-            let i = ti * 4u + a;
-            var row = vec4<f32>(0.0);
-            for (var b = 0u; b < 4u; b++) {
-                let j = tj * 4u + b;
-                if (j <= i && i < ch.y) {
-                    row[b] = P.scale * pacc[a][b] * exp(gcs[i] - gcs[j]);
-                }
-            }
-            lp[i * CP + tj] = row;
+            lp[(ti * 4u + a) * CP + tj] = pm[a];
         }
     }
 

@@ -7,7 +7,7 @@
 //
 // Grid: (HV * V / BVO, local chunks on y/z).
 // Tiling: the causal, decay-masked P = Q K^T ∘ Γ (C x C) is built first, each thread owning a 4x4
-// block in registers (qk_block, chunk_qk.wgsl: K-slices of q and k staged transposed as vec4 over rows),
+// block in registers (p_block, chunk_qk.wgsl: K-slices of q and k staged transposed as vec4 over rows),
 // then kept transposed in workgroup memory. The output tile is one product over K + C terms,
 //     o[:, tile] = [exp(gc) ∘ Q | P] [S[:, tile] ; v_new[:, tile]]
 // taken in slices of BS terms; each thread accumulates 4 rows x 4 columns with two vec4 reads of
@@ -57,25 +57,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
-    if (lid < CH) {
-        gcs[lid] = select(0.0, gc[hb + lid], lid < ch.y);
-    }
 
-    // P = Q K^T: thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4.
+    // P ∘ Γ (scale applied at the end): thread (ti, tj) owns rows ti*4 .. +4, columns tj*4 .. +4, kept
+    // transposed.
     let q4 = CH / 4u;
     let ti = lid / q4;
     let tj = lid % q4;
-    let pacc = qk_block(lid, ch, hk);
+    let pm = p_block(lid, ch, hk, hb, 1.0);
     if (ti < q4) {
         for (var a = 0u; a < 4u; a++) {
-            let i = ti * 4u + a;
             for (var b = 0u; b < 4u; b++) {
-                let j = tj * 4u + b;
-                var val = 0.0;
-                if (j <= i && i < ch.y) {
-                    val = pacc[a][b] * exp(gcs[i] - gcs[j]);
-                }
-                lp[j * CP + ti][a] = val;
+                lp[(tj * 4u + b) * CP + ti][a] = pm[a][b];
             }
         }
     }

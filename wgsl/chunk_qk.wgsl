@@ -1,6 +1,6 @@
 // chunk_qk.wgsl — shared by the two passes that build the chunk's causal
 // P = scale exp(gc_i - gc_j) q_i . k_j and then take one product over K + C terms with it
-// (chunk_output.wgsl, chunk_bwd_local.wgsl): the 4x4 blocks of Q K^T, the slices and staging
+// (chunk_output.wgsl, chunk_bwd_local.wgsl): the 4x4 blocks of Q K^T and of P, the slices and staging
 // arrays, and the K + C product's staging and slice step; and their first bindings (q, k, gc at
 // 2-4). Each pass defines its own fetch of the K + C product's slices.
 //
@@ -73,6 +73,32 @@ fn qk_block(lid: u32, ch: vec3<u32>, hk: u32) -> array<vec4<f32>, 4> {
         }
     }
     return pacc;
+}
+
+// This thread's 4x4 block of the chunk's causal, decayed P: scale exp(gc_i - gc_j) q_i . k_j for
+// j <= i < len, else 0 (zeros for threads ti >= C/4). Loads gcs first (gc of the chunk's rows, 0 past
+// its end; hb: the chunk's first gc), which the barriers of qk_block publish for the pass too.
+fn p_block(lid: u32, ch: vec3<u32>, hk: u32, hb: u32, scale: f32) -> array<vec4<f32>, 4> {
+    if (lid < CH) {
+        gcs[lid] = select(0.0, gc[hb + min(lid, ch.y - 1u)], lid < ch.y);
+    }
+    let pacc = qk_block(lid, ch, hk);
+    let q4 = CH / 4u;
+    let ti = lid / q4;
+    let tj = lid % q4;
+    var p: array<vec4<f32>, 4>;
+    if (ti < q4) {
+        for (var a = 0u; a < 4u; a++) {
+            let i = ti * 4u + a;
+            for (var b = 0u; b < 4u; b++) {
+                let j = tj * 4u + b;
+                if (j <= i && i < ch.y) {
+                    p[a][b] = scale * pacc[a][b] * exp(gcs[i] - gcs[j]);
+                }
+            }
+        }
+    }
+    return p;
 }
 
 // Stages slice s0 (BS terms) of a K + C product: below K this thread's share of the left slice

@@ -69,10 +69,11 @@ impl ChunkSpec {
             && self.output_mma_bytes() <= max_bytes
     }
 
-    /// The tiles of a forward of `p` on `caps`: the cooperative-matrix state walk where it fits
-    /// ([`ChunkSpec::mma_for`]), and the cooperative-matrix output pass with it where that fits too.
-    /// `keep_f32`: S and v_new are needed in f32 as well (training, stage tests).
-    pub fn for_forward(chunk: u32, p: &Problem, caps: &Caps, keep_f32: bool) -> ChunkSpec {
+    /// The tiles and variants of a forward of `p` on `caps` made for `purpose`, decided here only: the
+    /// cooperative-matrix state walk where it fits ([`ChunkSpec::mma_for`]), the cooperative-matrix
+    /// output pass with it where that fits too, the f16 operands from the w/u pass wherever they are
+    /// made, and the f32 intermediates wherever something reads them.
+    pub fn for_forward(chunk: u32, p: &Problem, caps: &Caps, purpose: ForwardPurpose) -> ChunkSpec {
         let mut spec = ChunkSpec::choose(chunk, p.dims.k, p.dims.v);
         spec.mma = spec.mma_for(p, caps);
         if let Some(t) = spec.mma {
@@ -84,19 +85,17 @@ impl ChunkSpec {
             }
             spec.out16 = spec.output_mma_fits(p.dims.k, t, max);
         }
-        spec.keep_f32 = keep_f32 || !spec.out16;
+        let stages = purpose == ForwardPurpose::Stages;
+        spec.keep_f32 = purpose != ForwardPurpose::Inference || !spec.out16;
+        // The stage tests check the f16 operands on every device, so they are made there too.
+        spec.w16 = stages || spec.mma.is_some();
         spec
     }
 
-    /// The optional scratch buffers a forward with these tiles holds; `packed`: the state walk's f16
-    /// operands even where the walk that runs does not use them (stage tests).
-    pub fn scratch_set(&self, packed: bool) -> ScratchSet {
-        ScratchSet {
-            packed: packed || self.mma.is_some(),
-            out16: self.out16,
-            q16: self.out16 || packed,
-            f32_states: self.keep_f32,
-        }
+    /// The optional scratch buffers a forward with these tiles holds (`stages`: q in f16 as well, for
+    /// the stage tests).
+    pub fn scratch_set(&self, stages: bool) -> ScratchSet {
+        ScratchSet { packed: self.w16, out16: self.out16, q16: self.out16 || stages, f32_states: self.keep_f32 }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
@@ -249,21 +248,33 @@ pub fn windows(p: &Problem, chunk: usize, max_local: usize) -> Vec<Window> {
         .collect()
 }
 
+/// What a chunked forward is recorded for: which intermediates it must leave behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardPurpose {
+    /// Only o and ht.
+    Inference,
+    /// Also the state at every chunk start in f32, for the chunked backward.
+    Training,
+    /// Every intermediate, f32 and f16, for the stage tests.
+    Stages,
+}
+
 /// Which of its optional scratch buffers a chunked forward holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScratchSet {
-    /// The cooperative-matrix state walk's f16 operands -w and K ∘ decay (`wk16`).
+    /// The cooperative-matrix state walk's f16 operands -w and K ∘ decay (`wk16`), made by the w/u
+    /// pass (`W16`), which then writes f32 w only with `f32_states`.
     pub packed: bool,
     /// The cooperative-matrix output pass's f16 operands (`qk16`, `h16`, `vn16`).
     pub out16: bool,
     /// q as f16 (`qk16`, made by `chunk_pack16.wgsl`): with `out16`, and in the stage tests.
     pub q16: bool,
-    /// S and v_new in f32 (`h`, `vn`).
+    /// S and v_new in f32 (`h`, `vn`), and w alongside wk16.
     pub f32_states: bool,
 }
 
 /// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h, wk16, qk16, h16, vn16
-/// (0 for the buffers `set` leaves out).
+/// (0 for the buffers `set` leaves out: f32 w is read by the SIMT state walk only, or kept).
 pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11] {
     let d = &p.dims;
     let (c, h, hv, k, v) = (chunk as u64, d.h as u64, d.hv as u64, d.k as u64, d.v as u64);
@@ -273,7 +284,7 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
         f * hv * c,
         f * hv * c,
         f * hv * c * c,
-        f * hv * c * k,
+        on(!set.packed || set.f32_states, f * hv * c * k),
         f * hv * c * v,
         on(set.f32_states, f * hv * c * v),
         on(set.f32_states, f * hv * k * v),

@@ -17,7 +17,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::{whole, PassGraph};
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, Params, Window, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, ForwardPurpose, Params, Window, DEFAULT_WINDOW_BYTES, WG,
+    WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
 use crate::problem::Problem;
@@ -176,7 +177,12 @@ fn record(
     let c = chunk as usize;
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
-    let mut spec = ChunkSpec::for_forward(chunk, p, caps, pack16 || states.is_some());
+    let purpose = match (pack16, states) {
+        (true, _) => ForwardPurpose::Stages,
+        (false, Some(_)) => ForwardPurpose::Training,
+        (false, None) => ForwardPurpose::Inference,
+    };
+    let spec = ChunkSpec::for_forward(chunk, p, caps, purpose);
     let state_kernel = if spec.mma.is_some() { Kernel::ChunkStateMma } else { Kernel::ChunkState };
     check_workgroup_memory(caps)?;
     let o = eng.output("o", &[d.b, d.t, d.hv, d.v])?;
@@ -184,7 +190,6 @@ fn record(
     // Also bound the tokens one dispatch walks per sequence (software drivers' loop limiter, GPU
     // watchdogs): see `Gpu::max_tokens_per_dispatch`.
     let set = spec.scratch_set(pack16);
-    spec.w16 = set.packed; // the w/u pass writes the f16 operands wherever they are made
     let max_local =
         max_local_chunks(p, c, set, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
@@ -199,10 +204,10 @@ fn record(
     let gc = graph.scratch("wgdelta.chunk.gc", b_gc, SAVED)?;
     let bm = graph.scratch("wgdelta.chunk.beta", b_bm, SAVED)?;
     let a = graph.scratch("wgdelta.chunk.a", b_a, SAVED)?;
-    let w = graph.scratch("wgdelta.chunk.w", b_w, SAVED)?;
     let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
     // Buffers a variant leaves out are bound to a small scratch buffer it never touches.
     let opt = |graph: &mut PassGraph, label, bytes: u64| graph.scratch(label, bytes.max(16), SAVED);
+    let w = opt(graph, "wgdelta.chunk.w", b_w)?;
     let vn = opt(graph, "wgdelta.chunk.v_new", b_vn)?;
     let h = match states {
         Some(b) => b.clone(),
@@ -213,14 +218,11 @@ fn record(
 
     // The cooperative-matrix walk reads -w and K ∘ decay as f16 (chunk_wu.wgsl, W16) instead of w, k;
     // the cooperative-matrix output pass q, k, S and v_new as f16 (OUT16).
-    let wk16 = if set.packed { Some(graph.scratch("wgdelta.chunk.wk16", b_wk16, SAVED)?) } else { None };
+    let wk16 = opt(graph, "wgdelta.chunk.wk16", b_wk16)?;
     let qk16 = opt(graph, "wgdelta.chunk.qk16", b_qk16)?;
     let h16 = opt(graph, "wgdelta.chunk.h16", b_h16)?;
     let vn16 = opt(graph, "wgdelta.chunk.vn16", b_vn16)?;
-    let state_w = match (&wk16, spec.mma) {
-        (Some(b), Some(_)) => b,
-        _ => &w,
-    };
+    let state_w = if spec.mma.is_some() { &wk16 } else { &w };
     // The state carried between windows: ht itself when asked for, else scratch.
     let carry_scratch = match &ht {
         Some(_) => None,
@@ -241,8 +243,7 @@ fn record(
         let ps =
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
-            let wk = wk16.as_ref().unwrap_or(&h16); // (untouched without W16)
-            let f16_bufs = [wk, &qk16];
+            let f16_bufs = [&wk16, &qk16];
             record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], f16_bufs, hv, kv, [cy, cz])?;
             if set.q16 {
                 let words = (d.h * c * d.k / 2) as u32;
@@ -285,7 +286,7 @@ fn record(
         }
     }
     let chunks = wins.last().map(|w| w.chunks.clone()).unwrap_or_default();
-    let wk16 = wk16.map(|b| (b, b_wk16));
+    let wk16 = set.packed.then_some((wk16, b_wk16));
     let qk16 = set.q16.then_some((qk16, b_qk16));
     let out16 = spec.out16.then_some([(h16, b_h16), (vn16, b_vn16)]);
     Ok((Outputs { o, ht }, Saved { bufs: [gc, bm, a, w, u, vn, h], sizes, chunks, wk16, qk16, out16 }))

@@ -80,6 +80,9 @@ pub(crate) fn backward(
         None => Some(graph.scratch("wgdelta.chunk.carry", (n * d.hv * d.k * d.v * 4) as u64, STORAGE)?),
     };
     let carry = dh0.as_ref().map(|t| &t.buffer).or(carry_scratch.as_ref()).expect("carry");
+    // The w/u pass's f16 outputs (W16), which the backward does not ask for: bound, never touched.
+    let unused =
+        [graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?, graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?];
     let dht_buf = dht.map(|t| &t.buffer).unwrap_or(&eng.dummy_read);
     let key = |k: Kernel| spec.bwd_key(k, p, d_o.dtype(), dht.map(Tensor::dtype));
     let x = saved.inputs();
@@ -109,12 +112,17 @@ pub(crate) fn backward(
         let (q, k, v, g) = (&x.q.buffer, &x.k.buffer, &x.v.buffer, &x.g.buffer);
         let dout = &d_o.buffer;
         if nl > 0 {
-            let unused = [
-                graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?,
-                graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?,
-            ];
-            let f16_bufs = [&unused[0], &unused[1]];
-            record_chunk_passes(&mut graph, p, &spec, &x, [&pc, &info, gc, bm, a, w, u], f16_bufs, hv, kv, [cy, cz])?;
+            record_chunk_passes(
+                &mut graph,
+                p,
+                &spec,
+                &x,
+                [&pc, &info, gc, bm, a, w, u],
+                [&unused[0], &unused[1]],
+                hv,
+                kv,
+                [cy, cz],
+            )?;
             graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdLocal),
                 &[

@@ -29,7 +29,7 @@ pub fn engine_no_subgroups() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
     E.get_or_init(|| {
         let gpu = Gpu::with_options(&GpuOptions {
-            shader_checks: Some(true),
+            shader_checks: checks(),
             disable_features: wgpu::Features::SUBGROUP,
             ..Default::default()
         })
@@ -315,7 +315,7 @@ pub fn check_forward(e: &Engine, c: &Case) -> (f64, f64) {
 pub fn engine_with_tiles(tiles: Option<wgdelta::kernels::recurrent::Tiles>, subgroups: bool) -> Engine {
     let disable = if subgroups { wgpu::Features::empty() } else { wgpu::Features::SUBGROUP };
     let gpu =
-        Gpu::with_options(&GpuOptions { shader_checks: Some(true), disable_features: disable, ..Default::default() })
+        Gpu::with_options(&GpuOptions { shader_checks: checks(), disable_features: disable, ..Default::default() })
             .expect("a GPU adapter");
     Engine::with_settings(gpu, Settings { poison_outputs: Some(true), recurrent_tiles: tiles, ..Default::default() })
 }
