@@ -136,12 +136,21 @@ fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
             let opts = if i % 2 == 0 { Options::default() } else { Options::mlx() };
             let dt = [DType::F16, DType::BF16][(i + chunk as usize / 16) % 2];
             let p = problem(1, 2, k, v, dt, GateKind::Scalar, opts, i == 1, i != 2, i == 3);
-            let spec = ChunkSpec::for_forward(chunk, &p, &caps, purposes[(i + chunk as usize / 16) % 3]);
+            let spec = if kernel.chunk_bwd() {
+                ChunkSpec::for_backward(chunk, &p, &caps)
+            } else {
+                ChunkSpec::for_forward(chunk, &p, &caps, purposes[(i + chunk as usize / 16) % 3])
+            };
             assert_eq!(spec.mma, Some(tile), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
             if kernel == Kernel::ChunkOutputMma && !spec.out16 {
                 continue;
             }
-            out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), spec.key(kernel, &p)));
+            let key = if kernel.chunk_bwd() {
+                spec.bwd_key(kernel, &p, dt, (i % 2 == 0).then_some(DType::BF16))
+            } else {
+                spec.key(kernel, &p)
+            };
+            out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), key));
         }
     }
     out

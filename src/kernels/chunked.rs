@@ -127,6 +127,24 @@ impl ChunkSpec {
         caps.mma_tile().filter(|&t| p.dtype != DType::F32 && self.mma_fits(p.dims.k, t, caps.max_workgroup_storage))
     }
 
+    /// Workgroup memory of the cooperative-matrix reverse walk (`wgsl/chunk_bwd_state_mma.wgsl`) with
+    /// these tiles and head dim `k`: xs, s16, b16, s32, vs and `ctl`, in bytes.
+    pub fn bwd_mma_bytes(&self, k: usize) -> u32 {
+        let (k, c, bv) = (k as u32, self.chunk, self.bv);
+        2 * c * (k + 8) + 2 * k * (bv + 8) + 2 * 2 * c * (bv + 8) + 4 * k * bv + 4 * c * bv + 16
+    }
+
+    /// The tiles and variants of the chunked backward of `p` on `caps`: the cooperative-matrix
+    /// reverse walk where the forward's walk would run on them and its arrays fit, with the f16
+    /// operands it reads made by the recompute passes (`W16`, and q by the pack pass); the f32
+    /// intermediates always (the other backward passes read them).
+    pub fn for_backward(chunk: u32, p: &Problem, caps: &Caps) -> ChunkSpec {
+        let mut spec = ChunkSpec::choose(chunk, p.dims.k, p.dims.v);
+        spec.mma = spec.mma_for(p, caps).filter(|_| spec.bwd_mma_bytes(p.dims.k) <= caps.max_workgroup_storage);
+        spec.w16 = spec.mma.is_some();
+        spec
+    }
+
     /// The pipeline key of pass `kernel` for problem `p`. Every chunked pass takes the same
     /// constants (declared once in `chunk_common.wgsl`).
     pub fn key(&self, kernel: Kernel, p: &Problem) -> PipelineKey {
@@ -167,11 +185,12 @@ impl ChunkSpec {
     /// upstream gradients (`do`, and `dht` when given; `chunk_bwd_common.wgsl`).
     pub fn bwd_key(&self, kernel: Kernel, p: &Problem, do_dt: DType, dht_dt: Option<DType>) -> PipelineKey {
         debug_assert!(kernel.chunk_bwd());
-        let mut c = self.key(kernel, p).constants_f64();
+        let base = self.key(kernel, p);
+        let mut c = base.constants_f64();
         c.push(("DO_DT", do_dt.wgsl_code() as f64));
         c.push(("DHT_DT", dht_dt.map_or(0, DType::wgsl_code) as f64));
         c.push(("HAS_DHT", if dht_dt.is_some() { 1.0 } else { 0.0 }));
-        PipelineKey::new(kernel, Reduce::Workgroup, c)
+        PipelineKey { mma: base.mma, ..PipelineKey::new(kernel, Reduce::Workgroup, c) }
     }
 }
 
@@ -296,13 +315,15 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
 }
 
 /// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, a,
-/// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc (`wgsl/chunk_bwd_common.wgsl`).
-pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize) -> [u64; 12] {
+/// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc (`wgsl/chunk_bwd_common.wgsl`), then the
+/// f16 operands wk16 and qk16 of the cooperative-matrix reverse walk (0 without `mma`).
+pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize, mma: bool) -> [u64; 14] {
     let d = &p.dims;
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4 * hv;
-    let [gc, bm, a, w, u, ..] = scratch_per_chunk(p, chunk, ScratchSet::default());
-    [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c]
+    let set = ScratchSet { packed: mma, q16: mma, f32_states: true, out16: false };
+    let [gc, bm, a, w, u, _, _, wk16, qk16, ..] = scratch_per_chunk(p, chunk, set);
+    [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, wk16, qk16]
 }
 
 /// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest
@@ -346,9 +367,9 @@ pub fn scratch_bytes(p: &Problem, chunk: usize, set: ScratchSet, max_local: usiz
 /// Peak scratch bytes of a chunked backward of `p` (`bwd_scratch_per_chunk`, windows of at most
 /// `max_local` chunks) as the pool holds them, plus the carried dS; the saved states, inputs and
 /// gradients are not scratch.
-pub fn bwd_scratch_bytes(p: &Problem, chunk: usize, max_local: usize) -> u64 {
+pub fn bwd_scratch_bytes(p: &Problem, chunk: usize, max_local: usize, mma: bool) -> u64 {
     let l = windows(p, chunk, max_local).iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
-    let bufs: u64 = bwd_scratch_per_chunk(p, chunk).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
+    let bufs: u64 = bwd_scratch_per_chunk(p, chunk, mma).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
     let d = &p.dims;
     let carry = if p.has_h0 { 0 } else { (p.n_seqs() * d.hv * d.k * d.v * 4) as u64 };
     bufs + carry.max(16).next_power_of_two()
@@ -431,21 +452,23 @@ mod tests {
     #[test]
     fn backward_memory_for_long_sequence() {
         let p = problem(1, 16384, 32, 128, None);
-        let per = bwd_scratch_per_chunk(&p, 64);
-        let l = max_local_for(&p, 64, &per, DEFAULT_WINDOW_BYTES, 2 << 30);
-        let scratch = bwd_scratch_bytes(&p, 64, l);
-        let states = 32 * 256 * 128 * 128 * 4u64; // N * HV * T/64 * K * V floats
-        let grads = 2 * 16384 * 16 * 128 * 4 + 16384 * 32 * 128 * 4 + 2 * 16384 * 32 * 4u64;
-        println!(
-            "B=1 T=16384 HV=32 K=V=128 C=64: saved states {} MiB (T/64 = 256 per head), backward scratch {} MiB \
-             (windows of {l} chunks, {} KiB per chunk), gradients {} MiB",
-            states >> 20,
-            scratch >> 20,
-            per.iter().sum::<u64>() >> 10,
-            grads >> 20
-        );
-        assert!(scratch <= DEFAULT_WINDOW_BYTES);
-        assert_eq!(l, 32);
+        for mma in [false, true] {
+            let per = bwd_scratch_per_chunk(&p, 64, mma);
+            let l = max_local_for(&p, 64, &per, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let scratch = bwd_scratch_bytes(&p, 64, l, mma);
+            let states = 32 * 256 * 128 * 128 * 4u64; // N * HV * T/64 * K * V floats
+            let grads = 2 * 16384 * 16 * 128 * 4 + 16384 * 32 * 128 * 4 + 2 * 16384 * 32 * 4u64;
+            println!(
+                "B=1 T=16384 HV=32 K=V=128 C=64 (cooperative-matrix walk: {mma}): saved states {} MiB (T/64 = 256 \
+                 per head), backward scratch {} MiB (windows of {l} chunks, {} KiB per chunk), gradients {} MiB",
+                states >> 20,
+                scratch >> 20,
+                per.iter().sum::<u64>() >> 10,
+                grads >> 20
+            );
+            assert!(scratch <= DEFAULT_WINDOW_BYTES);
+            assert_eq!(l, 32);
+        }
     }
 
     /// Where the cooperative-matrix state walk runs: NVIDIA's 48 KiB take chunk 64 at K=128; Apple's

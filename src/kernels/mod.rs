@@ -42,6 +42,7 @@ pub mod src {
     pub const CHUNK_BWD_COMMON: &str = include_str!("../../wgsl/chunk_bwd_common.wgsl");
     pub const CHUNK_BWD_LOCAL: &str = include_str!("../../wgsl/chunk_bwd_local.wgsl");
     pub const CHUNK_BWD_STATE: &str = include_str!("../../wgsl/chunk_bwd_state.wgsl");
+    pub const CHUNK_BWD_STATE_MMA: &str = include_str!("../../wgsl/chunk_bwd_state_mma.wgsl");
     pub const CHUNK_BWD_DQKWG: &str = include_str!("../../wgsl/chunk_bwd_dqkwg.wgsl");
     pub const CHUNK_BWD_WY: &str = include_str!("../../wgsl/chunk_bwd_wy.wgsl");
     pub const CHUNK_BWD_REDUCE: &str = include_str!("../../wgsl/chunk_bwd_reduce.wgsl");
@@ -81,6 +82,9 @@ pub enum Kernel {
     ChunkBwdLocal,
     /// Chunked backward, step 2: the reverse walk of dS over chunks (dh per chunk, dv_new, dh0).
     ChunkBwdState,
+    /// Step 2 on cooperative matrices, from the f16 operands of the recompute passes (-w and
+    /// K ∘ decay from w/u, q from the pack pass) instead of w, k and q.
+    ChunkBwdStateMma,
     /// Chunked backward, step 3: dq, dk per value head, dw, and the gate's terms.
     ChunkBwdDqkwg,
     /// Chunked backward, step 4: back through A; dv, dbeta, dg.
@@ -121,7 +125,7 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
@@ -135,6 +139,7 @@ impl Kernel {
         Kernel::ChunkOutputMma,
         Kernel::ChunkBwdLocal,
         Kernel::ChunkBwdState,
+        Kernel::ChunkBwdStateMma,
         Kernel::ChunkBwdDqkwg,
         Kernel::ChunkBwdWy,
         Kernel::ChunkBwdReduce,
@@ -154,6 +159,7 @@ impl Kernel {
             Kernel::ChunkOutputMma => "wgdelta.chunk.output_mma",
             Kernel::ChunkBwdLocal => "wgdelta.chunk.bwd_local",
             Kernel::ChunkBwdState => "wgdelta.chunk.bwd_state",
+            Kernel::ChunkBwdStateMma => "wgdelta.chunk.bwd_state_mma",
             Kernel::ChunkBwdDqkwg => "wgdelta.chunk.bwd_dqkwg",
             Kernel::ChunkBwdWy => "wgdelta.chunk.bwd_wy",
             Kernel::ChunkBwdReduce => "wgdelta.chunk.bwd_reduce",
@@ -175,6 +181,7 @@ impl Kernel {
             Kernel::ChunkOutputMma => src::CHUNK_OUTPUT_MMA,
             Kernel::ChunkBwdLocal => src::CHUNK_BWD_LOCAL,
             Kernel::ChunkBwdState => src::CHUNK_BWD_STATE,
+            Kernel::ChunkBwdStateMma => src::CHUNK_BWD_STATE_MMA,
             Kernel::ChunkBwdDqkwg => src::CHUNK_BWD_DQKWG,
             Kernel::ChunkBwdWy => src::CHUNK_BWD_WY,
             Kernel::ChunkBwdReduce => src::CHUNK_BWD_REDUCE,
@@ -218,6 +225,8 @@ impl Kernel {
             Kernel::ChunkBwdState => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
             }
+            // qk16, gc, wk16, do, dht | dvn, dh, carry
+            Kernel::ChunkBwdStateMma => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
             // q, k, gc, ck, dh, vn, dvn, do | dqp, dkp, dw, dgc
             Kernel::ChunkBwdDqkwg => &[
                 Uniform, Read, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
@@ -268,6 +277,7 @@ impl Kernel {
             self,
             Kernel::ChunkBwdLocal
                 | Kernel::ChunkBwdState
+                | Kernel::ChunkBwdStateMma
                 | Kernel::ChunkBwdDqkwg
                 | Kernel::ChunkBwdWy
                 | Kernel::ChunkBwdReduce
@@ -275,7 +285,7 @@ impl Kernel {
     }
     /// Whether the kernel runs on cooperative matrices (assembled after [`mma_header`]).
     pub fn mma(self) -> bool {
-        matches!(self, Kernel::ChunkStateMma | Kernel::ChunkOutputMma)
+        matches!(self, Kernel::ChunkStateMma | Kernel::ChunkOutputMma | Kernel::ChunkBwdStateMma)
     }
 }
 

@@ -15,7 +15,7 @@ use super::Inputs;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::graph::whole;
-use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES};
+use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES, WG};
 use crate::kernels::Kernel;
 use crate::problem::Problem;
 use crate::tensor::Tensor;
@@ -36,9 +36,10 @@ pub(crate) fn backward(
     let n = p.n_seqs();
     let caps = &eng.gpu.caps;
     check_workgroup_memory(caps)?;
-    let spec = ChunkSpec::choose(chunk, d.k, d.v);
+    let spec = ChunkSpec::for_backward(chunk, p, caps);
+    let mma = spec.mma.is_some();
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
-    let per = bwd_scratch_per_chunk(p, c);
+    let per = bwd_scratch_per_chunk(p, c, mma);
     let max_local =
         max_local_for(p, c, &per, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
@@ -57,7 +58,7 @@ pub(crate) fn backward(
 
     let mut graph = eng.graph();
     let info = table.record(&mut graph, saved.mask())?;
-    const NAMES: [&str; 12] = [
+    const NAMES: [&str; 14] = [
         "wgdelta.chunk.gc",
         "wgdelta.chunk.beta",
         "wgdelta.chunk.a",
@@ -70,19 +71,24 @@ pub(crate) fn backward(
         "wgdelta.chunk.dk_part",
         "wgdelta.chunk.dw",
         "wgdelta.chunk.dgc",
+        "wgdelta.chunk.wk16",
+        "wgdelta.chunk.qk16",
     ];
-    let bufs =
-        NAMES.iter().zip(per).map(|(name, b)| graph.scratch(name, b * l, STORAGE)).collect::<Result<Vec<_>>>()?;
-    let [gc, bm, a, w, u, vn, dvn, dh, dqp, dkp, dw, dgc] = &bufs[..] else { unreachable!("12 scratch buffers") };
+    // Buffers the variant leaves out (the f16 operands of the SIMT walk) are 16 bytes, never touched.
+    let bufs = NAMES
+        .iter()
+        .zip(per)
+        .map(|(name, b)| graph.scratch(name, (b * l).max(16), STORAGE))
+        .collect::<Result<Vec<_>>>()?;
+    let [gc, bm, a, w, u, vn, dvn, dh, dqp, dkp, dw, dgc, wk16, qk16] = &bufs[..] else {
+        unreachable!("14 scratch buffers")
+    };
     // dS is carried between windows in dh0 itself when the call has h0, else in scratch.
     let carry_scratch = match &dh0 {
         Some(_) => None,
         None => Some(graph.scratch("wgdelta.chunk.carry", (n * d.hv * d.k * d.v * 4) as u64, STORAGE)?),
     };
     let carry = dh0.as_ref().map(|t| &t.buffer).or(carry_scratch.as_ref()).expect("carry");
-    // The w/u pass's f16 outputs (W16), which the backward does not ask for: bound, never touched.
-    let unused =
-        [graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?, graph.scratch("wgdelta.chunk.unused", 16, STORAGE)?];
     let dht_buf = dht.map(|t| &t.buffer).unwrap_or(&eng.dummy_read);
     let key = |k: Kernel| spec.bwd_key(k, p, d_o.dtype(), dht.map(Tensor::dtype));
     let x = saved.inputs();
@@ -118,11 +124,20 @@ pub(crate) fn backward(
                 &spec,
                 &x,
                 [&pc, &info, gc, bm, a, w, u],
-                [&unused[0], &unused[1]],
+                [wk16, qk16],
                 hv,
                 kv,
                 [cy, cz],
             )?;
+            if mma {
+                // q as f16 for the cooperative-matrix walk (plane 0 of qk16).
+                let words = (d.h * c * d.k / 2) as u32;
+                graph.dispatch(
+                    &spec.key(Kernel::ChunkPack16, p),
+                    &[&pc, &info, q, qk16],
+                    [words.div_ceil(WG), cy, cz],
+                )?;
+            }
             graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdLocal),
                 &[
@@ -141,11 +156,20 @@ pub(crate) fn backward(
                 [hv, cy, cz],
             )?;
         }
-        graph.dispatch(
-            &key(Kernel::ChunkBwdState),
-            &[&ps, &info, q, k, gc, w, dout, dht_buf, dvn, dh, carry],
-            [hv * (d.v as u32 / spec.bv), sy, sz],
-        )?;
+        let walk = [hv * (d.v as u32 / spec.bv), sy, sz];
+        if mma {
+            graph.dispatch(
+                &key(Kernel::ChunkBwdStateMma),
+                &[&ps, &info, qk16, gc, wk16, dout, dht_buf, dvn, dh, carry],
+                walk,
+            )?;
+        } else {
+            graph.dispatch(
+                &key(Kernel::ChunkBwdState),
+                &[&ps, &info, q, k, gc, w, dout, dht_buf, dvn, dh, carry],
+                walk,
+            )?;
+        }
         if nl > 0 {
             graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdDqkwg),
