@@ -484,6 +484,44 @@ mod tests {
         assert!(!ChunkSpec::choose(64, 48, 48).mma_fits(48, 32, 48 << 10));
     }
 
+    /// Where the backward's reverse walk runs on cooperative matrices: f16/bf16 inputs only, NVIDIA's
+    /// 48 KiB at chunk 64 and K = 128 (42,000 bytes), Apple's 32 KiB from chunk 32 down; with it the
+    /// recompute passes make its f16 operands (`w16`) and its scratch holds them.
+    #[test]
+    fn mma_backward_walk_fits() {
+        use crate::device::CoopShape;
+        let caps = |tile: u32, kib: u32| Caps {
+            f16: true,
+            f64: false,
+            subgroup: true,
+            subgroup_min: 32,
+            subgroup_max: 32,
+            f32_atomic: false,
+            timestamp: false,
+            passthrough: false,
+            coop_matrix: vec![CoopShape { m: tile, n: tile, k: tile, ab: "f16", cr: "f32" }],
+            max_binding: 1 << 30,
+            max_buffer: 1 << 30,
+            max_workgroup_storage: kib << 10,
+            max_invocations: 1024,
+            max_storage_buffers: 31,
+            max_workgroups_per_dim: 65535,
+        };
+        let p = problem(1, 256, 32, 128, None);
+        assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_mma_bytes(128), 42000);
+        let nv = ChunkSpec::for_backward(64, &p, &caps(16, 48));
+        assert_eq!((nv.mma, nv.w16, nv.keep_f32, nv.out16), (Some(16), true, true, false));
+        assert_eq!(ChunkSpec::for_backward(64, &p, &caps(8, 32)).mma, None);
+        assert_eq!(ChunkSpec::for_backward(32, &p, &caps(8, 32)).mma, Some(8));
+        let mut f32_problem = p.clone();
+        f32_problem.dtype = DType::F32;
+        assert_eq!(ChunkSpec::for_backward(64, &f32_problem, &caps(16, 48)).mma, None);
+        let [.., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, true);
+        assert_eq!((wk16, qk16), (2 * 2 * 32 * 64 * 128, 2 * 2 * 16 * 64 * 128));
+        let [.., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, false);
+        assert_eq!((wk16, qk16), (0, 0));
+    }
+
     /// Where the cooperative-matrix output pass runs at K = V = 128: with Apple's 32 KiB and 8x8
     /// tiles at every chunk size (64 value columns a workgroup); with NVIDIA's 48 KiB and 16x16 tiles
     /// from chunk 32 (two column tiles a task), the whole V a workgroup.
