@@ -39,20 +39,15 @@
 @group(0) @binding(8) var<storage, read_write> dh: array<f32>;
 @group(0) @binding(9) var<storage, read_write> carry: array<f32>;
 
-const MWG: u32 = 256u;
-override XK: u32 = K + 8u;         // row stride of xs
 override SB: u32 = BV + 8u;        // row stride of s16 and b16
-// Workgroup array sizes (the host computes the same total, `ChunkSpec::bwd_mma_bytes`).
-override XN: u32 = CH * XK;
+// Workgroup array sizes, besides xs (chunk_mma_stage.wgsl); the host computes the same total,
+// `ChunkSpec::bwd_mma_bytes`.
 override SN: u32 = K * SB;
 override BN: u32 = 2u * CH * SB;
 override SSN: u32 = K * BV;
 override VSN: u32 = CH * BV;
-override NW4: u32 = CH * K / 4u;            // 4-half vectors per operand plane
-override NQ: u32 = (NW4 + MWG - 1u) / MWG;  // of them per thread (<= 8)
 override NVR: u32 = CH * BV / MWG;          // dvn / do elements per thread (<= 4)
 
-var<workgroup> xs: array<f16, XN>;     // [C][XK]: K ∘ fac, then -w, then q
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: dS
 var<workgroup> b16: array<f16, BN>;    // [2C][SB]: dvn, then scale exp(gc) ∘ do
 var<workgroup> s32: array<f32, SSN>;   // [K][BV]: dS
@@ -98,21 +93,6 @@ fn fetch(lc: u32, lid: u32, hv: u32, j0: u32, f: ptr<function, Fetched>) {
         (*f).dq[x] = d;
     }
     (*f).gl = gc[hb + ch.y - 1u];
-}
-
-// Stores this thread's vectors of one operand plane into xs ([C][XK] f16).
-fn stage(vecs: array<vec4<f16>, 8>, lid: u32) {
-    for (var x = 0u; x < NQ; x++) {
-        let e = lid + MWG * x;
-        if (e < NW4) {
-            let at = (e * 4u / K) * XK + (e * 4u) % K;
-            let v = vecs[x];
-            xs[at] = v.x;
-            xs[at + 1u] = v.y;
-            xs[at + 2u] = v.z;
-            xs[at + 3u] = v.w;
-        }
-    }
 }
 
 @compute @workgroup_size(MWG)

@@ -31,19 +31,14 @@
 @group(0) @binding(10) var<storage, read_write> h16: array<f16>;
 @group(0) @binding(11) var<storage, read_write> vn16: array<f16>;
 
-const MWG: u32 = 256u;
-override XK: u32 = K + 8u;         // row stride of xs
 override SB: u32 = BV + 8u;        // row stride of s16
-// Workgroup array sizes (the host computes the same total, `mma_workgroup_bytes`).
-override XN: u32 = CH * XK;
+// Workgroup array sizes, besides xs (chunk_mma_stage.wgsl); the host computes the same total,
+// `mma_workgroup_bytes`.
 override SN: u32 = max(K, CH) * SB;
 override SSN: u32 = K * BV;
 override VSN: u32 = CH * BV;
-override NW4: u32 = CH * K / 4u;            // 4-half vectors per operand plane
-override NQ: u32 = (NW4 + MWG - 1u) / MWG;  // of them per thread (<= 8)
 override NVR: u32 = CH * BV / MWG;          // u / v_new elements per thread (<= 4)
 
-var<workgroup> xs: array<f16, XN>;     // [C][XK]: -w, then K ∘ fac
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
 var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
 var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
@@ -77,21 +72,6 @@ fn fetch(lc: u32, lid: u32, hv: u32, j0: u32, f: ptr<function, Fetched>) {
         (*f).u[x] = u[(hb + e / BV) * V + j0 + e % BV];
     }
     (*f).gl = gc[hb + ch.y - 1u];
-}
-
-// Stores this thread's vectors of one operand plane into xs ([C][XK] f16).
-fn stage(vecs: array<vec4<f16>, 8>, lid: u32) {
-    for (var x = 0u; x < NQ; x++) {
-        let e = lid + MWG * x;
-        if (e < NW4) {
-            let at = (e * 4u / K) * XK + (e * 4u) % K;
-            let v = vecs[x];
-            xs[at] = v.x;
-            xs[at + 1u] = v.y;
-            xs[at + 2u] = v.z;
-            xs[at + 3u] = v.w;
-        }
-    }
 }
 
 @compute @workgroup_size(MWG)

@@ -37,6 +37,7 @@ pub mod src {
     pub const CHUNK_QK: &str = include_str!("../../wgsl/chunk_qk.wgsl");
     pub const CHUNK_STATE: &str = include_str!("../../wgsl/chunk_state.wgsl");
     pub const CHUNK_STATE_MMA: &str = include_str!("../../wgsl/chunk_state_mma.wgsl");
+    pub const CHUNK_MMA_STAGE: &str = include_str!("../../wgsl/chunk_mma_stage.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
     pub const CHUNK_OUTPUT_MMA: &str = include_str!("../../wgsl/chunk_output_mma.wgsl");
     pub const CHUNK_BWD_COMMON: &str = include_str!("../../wgsl/chunk_bwd_common.wgsl");
@@ -332,6 +333,9 @@ pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: 
     }
     if kernel.chunk_bwd() {
         s.push_str(src::CHUNK_BWD_COMMON);
+    }
+    if matches!(kernel, Kernel::ChunkStateMma | Kernel::ChunkBwdStateMma) {
+        s.push_str(src::CHUNK_MMA_STAGE);
     }
     if matches!(kernel, Kernel::ChunkOutput | Kernel::ChunkBwdLocal) {
         s.push_str(src::CHUNK_QK);
