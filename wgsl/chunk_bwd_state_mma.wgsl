@@ -27,8 +27,8 @@
 // aligned and the driver lays variables out in any order: docs/PERF.md, R37). Rows of xs, s16 and
 // b16 are padded by 8 halves so a tile's rows fall in different banks. In every round of tiles, all
 // tiles are read before any is written (a subgroup with no tile left redoes the last one).
-// Host-checked (ChunkSpec::bwd_mma_fits): C * K <= 4 * 8 * MWG, MWG divides C * BV,
-// C * BV / MWG <= 4, C, K, BV multiples of CT, the arrays fit.
+// Host-checked (ChunkSpec::for_backward): the forward walk's ChunkSpec::mma_fits (C * K <= 4 * 8 *
+// MWG, MWG divides C * BV, C * BV / MWG <= 4, C, K, BV multiples of CT) and ChunkSpec::bwd_mma_bytes.
 
 @group(0) @binding(2) var<storage, read> qk16: array<vec4<f16>>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;

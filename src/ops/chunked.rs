@@ -244,15 +244,8 @@ fn record(
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
             let f16_bufs = [&wk16, &qk16];
-            record_chunk_passes(graph, p, &spec, x, [&pc, &info, &gc, &bm, &a, &w, &u], f16_bufs, hv, kv, [cy, cz])?;
-            if set.q16 {
-                let words = (d.h * c * d.k / 2) as u32;
-                graph.dispatch(
-                    &spec.key(Kernel::ChunkPack16, p),
-                    &[&pc, &info, &x.q.buffer, &qk16],
-                    [words.div_ceil(WG), cy, cz],
-                )?;
-            }
+            let bufs = [&pc, &info, &gc, &bm, &a, &w, &u];
+            record_chunk_passes(graph, p, &spec, x, bufs, f16_bufs, set.q16, hv, kv, [cy, cz])?;
         }
         let hb = match states {
             Some(_) => window_slice(&h, first, nl as u64, per_state),
@@ -400,8 +393,9 @@ pub(crate) fn window_slice(states: &wgpu::Buffer, first: u64, n: u64, per: u64) 
     wgpu::BufferBinding { buffer: states, offset: first * per, size: std::num::NonZeroU64::new(size) }
 }
 
-/// Records the passes before the state walk: cumsum, kkt_solve, wu. `wk16`, `qk16`: where the w/u
-/// pass writes the f16 operands under `spec.w16` (bound, untouched, without).
+/// Records the passes before the state walk: cumsum, kkt_solve, wu, and with `q16` the pack pass (q
+/// as f16 in plane 0 of `qk16`). `wk16`, `qk16`: where the w/u pass writes the f16 operands under
+/// `spec.w16` (bound, untouched, without).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_chunk_passes(
     graph: &mut PassGraph,
@@ -410,6 +404,7 @@ pub(crate) fn record_chunk_passes(
     x: &Inputs,
     [pc, info, gc, bm, a, w, u]: [&wgpu::Buffer; 7],
     [wk16, qk16]: [&wgpu::Buffer; 2],
+    q16: bool,
     hv: u32,
     kv: u32,
     [cy, cz]: [u32; 2],
@@ -428,5 +423,15 @@ pub(crate) fn record_chunk_passes(
         &spec.key(Kernel::ChunkWu, p),
         &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u, wk16, qk16],
         [hv * (kv / spec.bd), cy, cz],
-    )
+    )?;
+    if q16 {
+        let d = &p.dims;
+        let words = (d.h * spec.chunk as usize * d.k / 2) as u32;
+        graph.dispatch(
+            &spec.key(Kernel::ChunkPack16, p),
+            &[pc, info, &x.q.buffer, qk16],
+            [words.div_ceil(WG), cy, cz],
+        )?;
+    }
+    Ok(())
 }

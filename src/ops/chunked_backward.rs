@@ -15,7 +15,7 @@ use super::Inputs;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::graph::whole;
-use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES, WG};
+use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES};
 use crate::kernels::Kernel;
 use crate::problem::Problem;
 use crate::tensor::Tensor;
@@ -125,19 +125,11 @@ pub(crate) fn backward(
                 &x,
                 [&pc, &info, gc, bm, a, w, u],
                 [wk16, qk16],
+                mma, // q as f16 for the cooperative-matrix walk
                 hv,
                 kv,
                 [cy, cz],
             )?;
-            if mma {
-                // q as f16 for the cooperative-matrix walk (plane 0 of qk16).
-                let words = (d.h * c * d.k / 2) as u32;
-                graph.dispatch(
-                    &spec.key(Kernel::ChunkPack16, p),
-                    &[&pc, &info, q, qk16],
-                    [words.div_ceil(WG), cy, cz],
-                )?;
-            }
             graph.dispatch_ranges(
                 &key(Kernel::ChunkBwdLocal),
                 &[
