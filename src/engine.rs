@@ -21,7 +21,9 @@ pub struct Settings {
     /// Force the recurrent kernels' tiling (tests and tuning); invalid values are rejected.
     pub recurrent_tiles: Option<Tiles>,
     /// Scratch bytes the chunked forward may hold for one window of chunks; longer inputs are
-    /// walked window by window. `None`: [`crate::kernels::chunked::DEFAULT_WINDOW_BYTES`].
+    /// walked window by window. `None`: [`crate::kernels::chunked::DEFAULT_WINDOW_BYTES`] (1 GiB) for
+    /// an inference forward, [`crate::kernels::chunked::DEFAULT_TRAIN_WINDOW_BYTES`] (2 GiB) for a
+    /// training forward and the chunked backward.
     pub chunk_window_bytes: Option<u64>,
     /// Force the backward's accumulation variant (tests and tuning). `None`: deterministic when
     /// `Options::deterministic`, else float atomics when granted, else the compare-and-swap loop.

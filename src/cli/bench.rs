@@ -42,6 +42,13 @@ pub struct BenchArgs {
     /// Override heads/dims: H, HV, K, V.
     #[arg(long, num_args = 4, value_names = ["H", "HV", "K", "V"])]
     pub heads: Option<Vec<usize>>,
+    /// Only cases of this algorithm (recurrent, chunked).
+    #[arg(long)]
+    pub algorithm: Option<String>,
+    /// Scratch budgets of the chunked passes' windows to compare, MiB separated by `,`
+    /// (`Settings::chunk_window_bytes`); each runs every case. Default: the engine's own.
+    #[arg(long, value_delimiter = ',')]
+    pub window_mib: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -183,22 +190,43 @@ pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
         _ => (16, 32, 128, 128),
     };
     eprintln!("wgdelta bench on {name} ({:?}); timestamps: {}", gpu.adapter_info().backend, gpu.caps().timestamp);
+    let algo_filter = match a.algorithm.as_deref() {
+        None => None,
+        Some("recurrent") => Some(false),
+        Some("chunked") => Some(true),
+        Some(x) => {
+            return Err(wgdelta::Error::Option {
+                name: "algorithm",
+                why: format!("`{x}`: expected recurrent or chunked"),
+            })
+        }
+    };
+    let windows: Vec<Option<u64>> =
+        if a.window_mib.is_empty() { vec![None] } else { a.window_mib.iter().map(|&m| Some(m << 20)).collect() };
     let mut rows = Vec::new();
-    for tiles in parse_tiles(a.tiles.as_deref(), gpu.caps())? {
+    for (tiles, window) in
+        parse_tiles(a.tiles.as_deref(), gpu.caps())?.into_iter().flat_map(|t| windows.iter().map(move |&w| (t, w)))
+    {
         if let Some(t) = tiles {
             println!("-- tiles {t:?}");
         }
+        if let Some(w) = window {
+            println!("-- window budget {} MiB", w >> 20);
+        }
+        let settings = Settings { recurrent_tiles: tiles, chunk_window_bytes: window, ..Default::default() };
         let timed = Engine::with_settings(
             gpu.clone(),
             Settings {
                 profile: if a.batch > 1 { wgdelta::Profile::Submission } else { wgdelta::Profile::Passes },
-                recurrent_tiles: tiles,
-                ..Default::default()
+                ..settings.clone()
             },
         );
-        let plain = Engine::with_settings(gpu.clone(), Settings { recurrent_tiles: tiles, ..Default::default() });
+        let plain = Engine::with_settings(gpu.clone(), settings);
         for case in preset(&a.preset) {
             if filter.is_some_and(|f| f != case.dtype) {
+                continue;
+            }
+            if algo_filter.is_some_and(|c| c != matches!(case.algo, Algorithm::Chunked { .. })) {
                 continue;
             }
             let d = Dims { b: case.b, t: case.t, h, hv, k, v };

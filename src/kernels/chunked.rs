@@ -13,8 +13,16 @@ pub const TILE: u32 = 4096;
 /// decay factors and the sequence range), in bytes; the device must grant at least this much
 /// (Apple GPUs grant 32 KiB).
 pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 1024 + 2048 + 64 + 4);
-/// Default bound on the scratch memory of one window of chunks (see [`max_local_chunks`]).
-pub const DEFAULT_WINDOW_BYTES: u64 = 512 << 20;
+/// Default bound on the scratch memory of one window of chunks of an inference forward (see
+/// [`max_local_chunks`]); a call's scratch stays under it whatever T. Fewer, longer windows run
+/// faster: on the H100 (docs/PERF.md, R49) the bf16 forward at B=8 T=8192 took 18.05 ms with 512 MiB,
+/// 15.85 with 1 GiB and 15.15 with 2 GiB. 1 GiB keeps B=1 T=16384 in two windows (579 MiB).
+/// Devices with little memory set [`crate::Settings::chunk_window_bytes`] lower.
+pub const DEFAULT_WINDOW_BYTES: u64 = 1 << 30;
+/// The same bound for a training forward and the chunked backward, which hold the whole sequence's
+/// inputs, saved states and gradients anyway: a training step at B=8 T=8192 took 87.4, 81.5, 77.9
+/// and 75.8 ms with windows of 0.5, 1, 2 and 4 GiB (R49).
+pub const DEFAULT_TRAIN_WINDOW_BYTES: u64 = 2 << 30;
 
 /// Everything that selects one compiled variant of the chunked passes, besides the problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -433,19 +441,28 @@ mod tests {
         let p = problem(1, 16384, 32, 128, None);
         for set in [SIMT, MMA] {
             let whole = max_local_chunks(&p, 64, set, u64::MAX, u64::MAX);
-            let l = max_local_chunks(&p, 64, set, DEFAULT_WINDOW_BYTES, 2 << 30);
+            assert_eq!(whole, 256);
             let per: u64 = scratch_per_chunk(&p, 64, set).iter().sum();
             println!(
-                "B=1 T=16384 HV=32 K=V=128 C=64 ({set:?}): {per} bytes per chunk; all {whole} chunks \
-                 at once would take {} MiB; windows of {l} chunks: peak scratch {} MiB",
-                scratch_bytes(&p, 64, set, whole) >> 20,
-                scratch_bytes(&p, 64, set, l) >> 20
+                "B=1 T=16384 HV=32 K=V=128 C=64 ({set:?}): {per} bytes per chunk; all {whole} chunks at once: {} MiB",
+                scratch_bytes(&p, 64, set, whole) >> 20
             );
-            assert_eq!(whole, 256);
-            assert_eq!(windows(&p, 64, l).len(), 4);
-            assert_eq!(l, 64);
-            assert!(scratch_bytes(&p, 64, set, l) <= DEFAULT_WINDOW_BYTES);
+            // (budget, chunks per window expected): the default two windows of 128, a 512 MiB budget
+            // (the default before R49) four windows of 64, 2 GiB the whole sequence at once.
+            for (budget, expect) in [(DEFAULT_WINDOW_BYTES, 128), (512 << 20, 64), (2 << 30, 256)] {
+                let l = max_local_chunks(&p, 64, set, budget, 2 << 30);
+                let peak = scratch_bytes(&p, 64, set, l);
+                println!("  budget {} MiB: windows of {l} chunks, peak scratch {} MiB", budget >> 20, peak >> 20);
+                assert_eq!(l, expect);
+                assert_eq!(windows(&p, 64, l).len(), 256 / expect);
+                assert!(peak <= budget);
+            }
         }
+        // Past the budget the windows bound the scratch whatever T: B=1 T=131072 (2048 chunks).
+        let long = problem(1, 131072, 32, 128, None);
+        let l = max_local_chunks(&long, 64, MMA, DEFAULT_WINDOW_BYTES, 2 << 30);
+        assert!(windows(&long, 64, l).len() > 1);
+        assert!(scratch_bytes(&long, 64, MMA, l) <= DEFAULT_WINDOW_BYTES);
     }
 
     /// Memory of forward + backward for the issue's case B=1, T=16384, HV=32, K=V=128, chunk 64.
@@ -454,7 +471,7 @@ mod tests {
         let p = problem(1, 16384, 32, 128, None);
         for mma in [false, true] {
             let per = bwd_scratch_per_chunk(&p, 64, mma);
-            let l = max_local_for(&p, 64, &per, DEFAULT_WINDOW_BYTES, 2 << 30);
+            let l = max_local_for(&p, 64, &per, DEFAULT_TRAIN_WINDOW_BYTES, 2 << 30);
             let scratch = bwd_scratch_bytes(&p, 64, l, mma);
             let states = 32 * 256 * 128 * 128 * 4u64; // N * HV * T/64 * K * V floats
             let grads = 2 * 16384 * 16 * 128 * 4 + 16384 * 32 * 128 * 4 + 2 * 16384 * 32 * 4u64;
@@ -466,8 +483,8 @@ mod tests {
                 per.iter().sum::<u64>() >> 10,
                 grads >> 20
             );
-            assert!(scratch <= DEFAULT_WINDOW_BYTES);
-            assert_eq!(l, 32);
+            assert!(scratch <= DEFAULT_TRAIN_WINDOW_BYTES);
+            assert_eq!(l, 128);
         }
     }
 

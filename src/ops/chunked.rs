@@ -17,8 +17,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::{whole, PassGraph};
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, ForwardPurpose, Params, Window, DEFAULT_WINDOW_BYTES, WG,
-    WORKGROUP_BYTES,
+    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, ForwardPurpose, Params, Window,
+    DEFAULT_TRAIN_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
 use crate::problem::Problem;
@@ -137,7 +137,8 @@ pub(crate) fn forward(
     chunk: u32,
     states: Option<&wgpu::Buffer>,
 ) -> Result<Outputs> {
-    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
+    let default = if states.is_some() { DEFAULT_TRAIN_WINDOW_BYTES } else { DEFAULT_WINDOW_BYTES };
+    let budget = eng.settings.chunk_window_bytes.unwrap_or(default);
     let mut graph = eng.graph();
     let (out, _) = record(eng, &mut graph, p, x, chunk, budget, false, states)?;
     eng.submit(graph)?;

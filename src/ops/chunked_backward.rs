@@ -15,7 +15,7 @@ use super::Inputs;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::graph::whole;
-use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_WINDOW_BYTES};
+use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_TRAIN_WINDOW_BYTES};
 use crate::kernels::Kernel;
 use crate::problem::Problem;
 use crate::tensor::Tensor;
@@ -38,7 +38,7 @@ pub(crate) fn backward(
     check_workgroup_memory(caps)?;
     let spec = ChunkSpec::for_backward(chunk, p, caps);
     let mma = spec.mma.is_some();
-    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_WINDOW_BYTES);
+    let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_TRAIN_WINDOW_BYTES);
     let per = bwd_scratch_per_chunk(p, c, mma);
     let max_local =
         max_local_for(p, c, &per, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
