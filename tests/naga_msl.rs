@@ -142,7 +142,8 @@ fn mma_keys(kernel: Kernel, tile: u32) -> Vec<(String, PipelineKey)> {
                 ChunkSpec::for_forward(chunk, &p, &caps, purposes[(i + chunk as usize / 16) % 3])
             };
             assert_eq!(spec.mma, Some(tile), "K={k} chunk={chunk}: {spec:?} does not fit {tile}x{tile} tiles");
-            if kernel == Kernel::ChunkOutputMma && !spec.out16 {
+            // The output pass (forward) and the local pass (backward) run only where out16 says so.
+            if matches!(kernel, Kernel::ChunkOutputMma | Kernel::ChunkBwdLocalMma) && !spec.out16 {
                 continue;
             }
             let key = if kernel.chunk_bwd() {

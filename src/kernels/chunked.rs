@@ -38,7 +38,8 @@ pub struct ChunkSpec {
     /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
     pub mma: Option<u32>,
     /// The output pass runs on cooperative matrices (`chunk_output_mma.wgsl`), from the f16 operands
-    /// that the pack and state passes then write (`OUT16`).
+    /// that the pack and state passes then write (`OUT16`). In a backward: the local pass runs on
+    /// them (`chunk_bwd_local_mma.wgsl`), with k of `qk16` from the w/u pass.
     pub out16: bool,
     /// The state walk writes S and v_new in f32, and under `w16` the w/u pass w (`KEEP_F32`): for the
     /// SIMT passes, a training forward's saved states and the stage tests.
@@ -142,14 +143,34 @@ impl ChunkSpec {
         2 * c * (k + 8) + 2 * k * (bv + 8) + 2 * 2 * c * (bv + 8) + 4 * k * bv + 4 * c * bv + 16
     }
 
+    /// Workgroup memory of the cooperative-matrix local pass (`wgsl/chunk_bwd_local_mma.wgsl`) with
+    /// chunk size C and value dim `v`: pf, p16, x16, zt, gcs and `ctl`, in bytes.
+    pub fn bwd_local_mma_bytes(&self, v: usize) -> u32 {
+        let (v, c) = (v as u32, self.chunk);
+        4 * c * c + 2 * c * (c + 8) + 2 * c * (v + 8) + 4 * 256 + 4 * 64 + 16
+    }
+
+    /// Whether the cooperative-matrix local pass runs with `tile` x `tile` matrices, head dims `k`,
+    /// `v` and `max_bytes` of workgroup memory (2 x 2 tiles a task over C x V).
+    pub fn bwd_local_mma_fits(&self, k: usize, v: usize, tile: u32, max_bytes: u32) -> bool {
+        let (k32, v32, c) = (k as u32, v as u32, self.chunk);
+        c.is_multiple_of(2 * tile)
+            && v32.is_multiple_of(2 * tile)
+            && k32.is_multiple_of(tile)
+            && self.bwd_local_mma_bytes(v) <= max_bytes
+    }
+
     /// The tiles and variants of the chunked backward of `p` on `caps`: the cooperative-matrix
     /// reverse walk where the forward's walk would run on them and its arrays fit, with the f16
-    /// operands it reads made by the recompute passes (`W16`, and q by the pack pass); the f32
-    /// intermediates always (the other backward passes read them).
+    /// operands it reads made by the recompute passes (`W16`, and q by the pack pass); with it the
+    /// cooperative-matrix local pass where that fits (`out16`: k of `qk16` from the w/u pass too);
+    /// the f32 intermediates always (the other backward passes read them).
     pub fn for_backward(chunk: u32, p: &Problem, caps: &Caps) -> ChunkSpec {
         let mut spec = ChunkSpec::choose(chunk, p.dims.k, p.dims.v);
         spec.mma = spec.mma_for(p, caps).filter(|_| spec.bwd_mma_bytes(p.dims.k) <= caps.max_workgroup_storage);
         spec.w16 = spec.mma.is_some();
+        spec.out16 =
+            spec.mma.is_some_and(|t| spec.bwd_local_mma_fits(p.dims.k, p.dims.v, t, caps.max_workgroup_storage));
         spec
     }
 
@@ -527,9 +548,18 @@ mod tests {
         let p = problem(1, 256, 32, 128, None);
         assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_mma_bytes(128), 42000);
         let nv = ChunkSpec::for_backward(64, &p, &caps(16, 48));
-        assert_eq!((nv.mma, nv.w16, nv.keep_f32, nv.out16), (Some(16), true, true, false));
+        // The local pass on cooperative matrices with it (out16): 44,304 bytes at C=64, V=128.
+        assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_local_mma_bytes(128), 44304);
+        assert_eq!((nv.mma, nv.w16, nv.keep_f32, nv.out16), (Some(16), true, true, true));
         assert_eq!(ChunkSpec::for_backward(64, &p, &caps(8, 32)).mma, None);
-        assert_eq!(ChunkSpec::for_backward(32, &p, &caps(8, 32)).mma, Some(8));
+        let apple = ChunkSpec::for_backward(32, &p, &caps(8, 32));
+        assert_eq!((apple.mma, apple.out16), (Some(8), true));
+        // 16x16 tiles need chunks of 32 or more for the local pass's 2 x 2 tile tasks.
+        let c16 = ChunkSpec::for_backward(16, &p, &caps(16, 48));
+        assert_eq!((c16.mma, c16.out16), (Some(16), false));
+        // K = V = 256: neither cooperative-matrix pass fits 48 KiB.
+        let wide = problem(1, 256, 32, 256, None);
+        assert!(!ChunkSpec::for_backward(64, &wide, &caps(16, 48)).out16);
         let mut f32_problem = p.clone();
         f32_problem.dtype = DType::F32;
         assert_eq!(ChunkSpec::for_backward(64, &f32_problem, &caps(16, 48)).mma, None);

@@ -40,6 +40,7 @@ pub mod src {
     pub const CHUNK_MMA_STAGE: &str = include_str!("../../wgsl/chunk_mma_stage.wgsl");
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
     pub const CHUNK_OUTPUT_MMA: &str = include_str!("../../wgsl/chunk_output_mma.wgsl");
+    pub const CHUNK_BWD_LOCAL_MMA: &str = include_str!("../../wgsl/chunk_bwd_local_mma.wgsl");
     pub const CHUNK_BWD_COMMON: &str = include_str!("../../wgsl/chunk_bwd_common.wgsl");
     pub const CHUNK_BWD_LOCAL: &str = include_str!("../../wgsl/chunk_bwd_local.wgsl");
     pub const CHUNK_BWD_STATE: &str = include_str!("../../wgsl/chunk_bwd_state.wgsl");
@@ -81,6 +82,9 @@ pub enum Kernel {
     ChunkOutputMma,
     /// Chunked backward, step 1: v_new from the saved state, and the chunk-local dv.
     ChunkBwdLocal,
+    /// Step 1 on cooperative matrices, from the f16 operands of the recompute passes (q, k from the
+    /// pack and w/u passes, -w from w/u) instead of q, k and w.
+    ChunkBwdLocalMma,
     /// Chunked backward, step 2: the reverse walk of dS over chunks (dh per chunk, dv_new, dh0).
     ChunkBwdState,
     /// Step 2 on cooperative matrices, from the f16 operands of the recompute passes (-w and
@@ -126,7 +130,7 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
@@ -139,6 +143,7 @@ impl Kernel {
         Kernel::ChunkOutput,
         Kernel::ChunkOutputMma,
         Kernel::ChunkBwdLocal,
+        Kernel::ChunkBwdLocalMma,
         Kernel::ChunkBwdState,
         Kernel::ChunkBwdStateMma,
         Kernel::ChunkBwdDqkwg,
@@ -159,6 +164,7 @@ impl Kernel {
             Kernel::ChunkOutput => "wgdelta.chunk.output",
             Kernel::ChunkOutputMma => "wgdelta.chunk.output_mma",
             Kernel::ChunkBwdLocal => "wgdelta.chunk.bwd_local",
+            Kernel::ChunkBwdLocalMma => "wgdelta.chunk.bwd_local_mma",
             Kernel::ChunkBwdState => "wgdelta.chunk.bwd_state",
             Kernel::ChunkBwdStateMma => "wgdelta.chunk.bwd_state_mma",
             Kernel::ChunkBwdDqkwg => "wgdelta.chunk.bwd_dqkwg",
@@ -181,6 +187,7 @@ impl Kernel {
             Kernel::ChunkOutput => src::CHUNK_OUTPUT,
             Kernel::ChunkOutputMma => src::CHUNK_OUTPUT_MMA,
             Kernel::ChunkBwdLocal => src::CHUNK_BWD_LOCAL,
+            Kernel::ChunkBwdLocalMma => src::CHUNK_BWD_LOCAL_MMA,
             Kernel::ChunkBwdState => src::CHUNK_BWD_STATE,
             Kernel::ChunkBwdStateMma => src::CHUNK_BWD_STATE_MMA,
             Kernel::ChunkBwdDqkwg => src::CHUNK_BWD_DQKWG,
@@ -222,6 +229,8 @@ impl Kernel {
             Kernel::ChunkOutputMma => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
             // q, k, gc, w, u, ck, do | vn, dvn
             Kernel::ChunkBwdLocal => &[Uniform, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            // qk16, gc, wk16, u, ck, do | vn, dvn
+            Kernel::ChunkBwdLocalMma => &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // q, k, gc, w, do, dht | dvn, dh, carry
             Kernel::ChunkBwdState => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite]
@@ -277,6 +286,7 @@ impl Kernel {
         matches!(
             self,
             Kernel::ChunkBwdLocal
+                | Kernel::ChunkBwdLocalMma
                 | Kernel::ChunkBwdState
                 | Kernel::ChunkBwdStateMma
                 | Kernel::ChunkBwdDqkwg
@@ -286,7 +296,10 @@ impl Kernel {
     }
     /// Whether the kernel runs on cooperative matrices (assembled after [`mma_header`]).
     pub fn mma(self) -> bool {
-        matches!(self, Kernel::ChunkStateMma | Kernel::ChunkOutputMma | Kernel::ChunkBwdStateMma)
+        matches!(
+            self,
+            Kernel::ChunkStateMma | Kernel::ChunkOutputMma | Kernel::ChunkBwdLocalMma | Kernel::ChunkBwdStateMma
+        )
     }
 }
 

@@ -130,23 +130,42 @@ pub(crate) fn backward(
                 kv,
                 [cy, cz],
             )?;
-            graph.dispatch_ranges(
-                &key(Kernel::ChunkBwdLocal),
-                &[
-                    whole(&pc),
-                    whole(&info),
-                    whole(q),
-                    whole(k),
-                    whole(gc),
-                    whole(w),
-                    whole(u),
-                    ckb.clone(),
-                    whole(dout),
-                    whole(vn),
-                    whole(dvn),
-                ],
-                [hv, cy, cz],
-            )?;
+            if spec.out16 {
+                graph.dispatch_ranges(
+                    &key(Kernel::ChunkBwdLocalMma),
+                    &[
+                        whole(&pc),
+                        whole(&info),
+                        whole(qk16),
+                        whole(gc),
+                        whole(wk16),
+                        whole(u),
+                        ckb.clone(),
+                        whole(dout),
+                        whole(vn),
+                        whole(dvn),
+                    ],
+                    [hv, cy, cz],
+                )?;
+            } else {
+                graph.dispatch_ranges(
+                    &key(Kernel::ChunkBwdLocal),
+                    &[
+                        whole(&pc),
+                        whole(&info),
+                        whole(q),
+                        whole(k),
+                        whole(gc),
+                        whole(w),
+                        whole(u),
+                        ckb.clone(),
+                        whole(dout),
+                        whole(vn),
+                        whole(dvn),
+                    ],
+                    [hv, cy, cz],
+                )?;
+            }
         }
         let walk = [hv * (d.v as u32 / spec.bv), sy, sz];
         if mma {
