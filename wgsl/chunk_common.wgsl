@@ -69,9 +69,12 @@ override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides 
 // The f16 operands of the cooperative-matrix output pass (chunk_output_mma.wgsl): q, k from
 // chunk_pack16.wgsl and chunk_wu.wgsl, S and v_new from chunk_state_mma.wgsl.
 override OUT16: bool = false;
-// chunk_state_mma.wgsl also writes S and v_new in f32 (h, vn), and chunk_wu.wgsl w in f32 under W16:
-// for the SIMT passes, a training forward's saved states and the stage tests.
+// chunk_state_mma.wgsl also writes S in f32 (h): for the SIMT output pass, a training forward's saved
+// states and the stage tests.
 override KEEP_F32: bool = true;
+// chunk_state_mma.wgsl also writes v_new in f32 (vn), and chunk_wu.wgsl w in f32 under W16: for the
+// SIMT output and local passes and the stage tests.
+override WV32: bool = true;
 // chunk_wu.wgsl writes the state walk's f16 operands wk16 (-w from its result, K ∘ exp(gc_last - gc)
 // from the keys it stages) and, with OUT16, k of qk16 (q of qk16: chunk_pack16.wgsl).
 override W16: bool = false;

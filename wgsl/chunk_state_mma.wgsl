@@ -27,7 +27,7 @@
 // Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG, MWG divides C * BV, C * BV / MWG <= 4.
 
 @group(0) @binding(4) var<storage, read> wk: array<vec4<f16>>; // wk16 of chunk_common.wgsl
-// With OUT16, S and v_new in f16 for chunk_output_mma.wgsl (f32 h and vn only with KEEP_F32).
+// With OUT16, S and v_new in f16 for chunk_output_mma.wgsl (f32 h only with KEEP_F32, vn with WV32).
 @group(0) @binding(10) var<storage, read_write> h16: array<f16>;
 @group(0) @binding(11) var<storage, read_write> vn16: array<f16>;
 
@@ -160,7 +160,7 @@ fn main(
             let x = vs[e];
             s16[(e / BV) * SB + e % BV] = f16(x);
             let at = (hb + e / BV) * V + j0 + e % BV;
-            if (KEEP_F32) {
+            if (WV32) {
                 vn[at] = x;
             }
             if (OUT16) {

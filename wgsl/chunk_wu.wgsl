@@ -7,7 +7,7 @@
 // Outputs w [L, HV, C, K], u [L, HV, C, V]; with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
 // (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k of qk16
 // [L, H, 2, C, K] (by the first value head of each key head), all f16 two to a word; w in f32 then
-// only with KEEP_F32. (A separate pass made them before, reading w and k per value head again.)
+// only with WV32. (A separate pass made them before, reading w and k per value head again.)
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
 // w (tiles below K) or of u, out[:, tile] = A X[:, tile] with X = (bm exp(gc)) ∘ K or bm ∘ V, as a
@@ -164,7 +164,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var r = 0u; r < 4u; r++) {
             let i = tr * 4u + r;
             if (is_w) {
-                if (KEEP_F32 || !W16) {
+                if (WV32 || !W16) {
                     w[((hb + i) * K + d0 + tc * 4u) / 4u] = acc[r];
                 }
                 if (W16) {

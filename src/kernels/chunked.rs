@@ -41,9 +41,12 @@ pub struct ChunkSpec {
     /// that the pack and state passes then write (`OUT16`). In a backward: the local pass runs on
     /// them (`chunk_bwd_local_mma.wgsl`), with k of `qk16` from the w/u pass.
     pub out16: bool,
-    /// The state walk writes S and v_new in f32, and under `w16` the w/u pass w (`KEEP_F32`): for the
-    /// SIMT passes, a training forward's saved states and the stage tests.
+    /// The cooperative-matrix state walk writes S in f32 (`KEEP_F32`): for the SIMT output pass, a
+    /// training forward's saved states and the stage tests.
     pub keep_f32: bool,
+    /// The cooperative-matrix state walk writes v_new, and under `w16` the w/u pass w, in f32 as well
+    /// (`WV32`): for the SIMT output and local passes and the stage tests.
+    pub wv32: bool,
     /// The w/u pass writes the state walk's f16 operands (`W16`, with `wk16`), and with `out16` k of
     /// `qk16`; the pack pass then only makes q.
     pub w16: bool,
@@ -58,7 +61,7 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true, w16: false }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true, wv32: true, w16: false }
     }
 
     /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`): pf,
@@ -96,6 +99,7 @@ impl ChunkSpec {
         }
         let stages = purpose == ForwardPurpose::Stages;
         spec.keep_f32 = purpose != ForwardPurpose::Inference || !spec.out16;
+        spec.wv32 = stages || !spec.out16;
         // The stage tests check the f16 operands on every device, so they are made there too.
         spec.w16 = stages || spec.mma.is_some();
         spec
@@ -104,7 +108,13 @@ impl ChunkSpec {
     /// The optional scratch buffers a forward with these tiles holds (`stages`: q in f16 as well, for
     /// the stage tests).
     pub fn scratch_set(&self, stages: bool) -> ScratchSet {
-        ScratchSet { packed: self.w16, out16: self.out16, q16: self.out16 || stages, f32_states: self.keep_f32 }
+        ScratchSet {
+            packed: self.w16,
+            out16: self.out16,
+            q16: self.out16 || stages,
+            f32_states: self.keep_f32,
+            f32_wv: self.wv32,
+        }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
@@ -171,6 +181,8 @@ impl ChunkSpec {
         spec.w16 = spec.mma.is_some();
         spec.out16 =
             spec.mma.is_some_and(|t| spec.bwd_local_mma_fits(p.dims.k, p.dims.v, t, caps.max_workgroup_storage));
+        // f32 w only for the SIMT local pass (the SIMT walk reads w in f32 without W16 anyway).
+        spec.wv32 = !spec.out16;
         spec
     }
 
@@ -201,6 +213,7 @@ impl ChunkSpec {
                 ("BD", self.bd as f64),
                 ("OUT16", b(self.out16)),
                 ("KEEP_F32", b(self.keep_f32)),
+                ("WV32", b(self.wv32)),
                 ("W16", b(self.w16)),
             ],
         );
@@ -311,14 +324,16 @@ pub enum ForwardPurpose {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScratchSet {
     /// The cooperative-matrix state walk's f16 operands -w and K ∘ decay (`wk16`), made by the w/u
-    /// pass (`W16`), which then writes f32 w only with `f32_states`.
+    /// pass (`W16`), which then writes f32 w only with `f32_wv`.
     pub packed: bool,
     /// The cooperative-matrix output pass's f16 operands (`qk16`, `h16`, `vn16`).
     pub out16: bool,
     /// q as f16 (`qk16`, made by `chunk_pack16.wgsl`): with `out16`, and in the stage tests.
     pub q16: bool,
-    /// S and v_new in f32 (`h`, `vn`), and w alongside wk16.
+    /// S in f32 (`h`).
     pub f32_states: bool,
+    /// v_new in f32 (`vn`), and w alongside wk16.
+    pub f32_wv: bool,
 }
 
 /// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h, wk16, qk16, h16, vn16
@@ -332,9 +347,9 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
         f * hv * c,
         f * hv * c,
         f * hv * c * c,
-        on(!set.packed || set.f32_states, f * hv * c * k),
+        on(!set.packed || set.f32_wv, f * hv * c * k),
         f * hv * c * v,
-        on(set.f32_states, f * hv * c * v),
+        on(set.f32_wv, f * hv * c * v),
         on(set.f32_states, f * hv * k * v),
         on(set.packed, 2 * 2 * hv * c * k),
         on(set.out16 || set.q16, 2 * 2 * h * c * k),
@@ -346,11 +361,12 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
 /// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, a,
 /// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc (`wgsl/chunk_bwd_common.wgsl`), then the
 /// f16 operands wk16 and qk16 of the cooperative-matrix reverse walk (0 without `mma`).
-pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize, mma: bool) -> [u64; 14] {
+pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize, spec: &ChunkSpec) -> [u64; 14] {
     let d = &p.dims;
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4 * hv;
-    let set = ScratchSet { packed: mma, q16: mma, f32_states: true, out16: false };
+    let mma = spec.w16;
+    let set = ScratchSet { packed: mma, q16: mma, f32_states: true, f32_wv: spec.wv32, out16: false };
     let [gc, bm, a, w, u, _, _, wk16, qk16, ..] = scratch_per_chunk(p, chunk, set);
     [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, wk16, qk16]
 }
@@ -396,9 +412,9 @@ pub fn scratch_bytes(p: &Problem, chunk: usize, set: ScratchSet, max_local: usiz
 /// Peak scratch bytes of a chunked backward of `p` (`bwd_scratch_per_chunk`, windows of at most
 /// `max_local` chunks) as the pool holds them, plus the carried dS; the saved states, inputs and
 /// gradients are not scratch.
-pub fn bwd_scratch_bytes(p: &Problem, chunk: usize, max_local: usize, mma: bool) -> u64 {
+pub fn bwd_scratch_bytes(p: &Problem, chunk: usize, max_local: usize, spec: &ChunkSpec) -> u64 {
     let l = windows(p, chunk, max_local).iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
-    let bufs: u64 = bwd_scratch_per_chunk(p, chunk, mma).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
+    let bufs: u64 = bwd_scratch_per_chunk(p, chunk, spec).iter().map(|&b| (b * l).max(16).next_power_of_two()).sum();
     let d = &p.dims;
     let carry = if p.has_h0 { 0 } else { (p.n_seqs() * d.hv * d.k * d.v * 4) as u64 };
     bufs + carry.max(16).next_power_of_two()
@@ -452,8 +468,13 @@ mod tests {
     }
 
     /// The scratch of an inference forward on SIMT passes and on cooperative matrices.
-    const SIMT: ScratchSet = ScratchSet { packed: false, out16: false, q16: false, f32_states: true };
-    const MMA: ScratchSet = ScratchSet { packed: true, out16: true, q16: true, f32_states: false };
+    const SIMT: ScratchSet = ScratchSet { packed: false, out16: false, q16: false, f32_states: true, f32_wv: true };
+    const MMA: ScratchSet = ScratchSet { packed: true, out16: true, q16: true, f32_states: false, f32_wv: false };
+    /// The backward's variants: SIMT passes, or both cooperative-matrix passes (16 x 16 tiles).
+    fn bwd_spec(mma: bool) -> ChunkSpec {
+        let s = ChunkSpec::choose(64, 128, 128);
+        ChunkSpec { mma: mma.then_some(16), w16: mma, out16: mma, wv32: !mma, ..s }
+    }
 
     /// Peak scratch of the memory case: B=1, T=16384, HV=32, K=V=128, chunk 64, with the
     /// SIMT passes and with the cooperative-matrix passes' f16 operands.
@@ -491,9 +512,9 @@ mod tests {
     fn backward_memory_for_long_sequence() {
         let p = problem(1, 16384, 32, 128, None);
         for mma in [false, true] {
-            let per = bwd_scratch_per_chunk(&p, 64, mma);
+            let per = bwd_scratch_per_chunk(&p, 64, &bwd_spec(mma));
             let l = max_local_for(&p, 64, &per, DEFAULT_TRAIN_WINDOW_BYTES, 2 << 30);
-            let scratch = bwd_scratch_bytes(&p, 64, l, mma);
+            let scratch = bwd_scratch_bytes(&p, 64, l, &bwd_spec(mma));
             let states = 32 * 256 * 128 * 128 * 4u64; // N * HV * T/64 * K * V floats
             let grads = 2 * 16384 * 16 * 128 * 4 + 16384 * 32 * 128 * 4 + 2 * 16384 * 32 * 4u64;
             println!(
@@ -550,7 +571,7 @@ mod tests {
         let nv = ChunkSpec::for_backward(64, &p, &caps(16, 48));
         // The local pass on cooperative matrices with it (out16): 44,304 bytes at C=64, V=128.
         assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_local_mma_bytes(128), 44304);
-        assert_eq!((nv.mma, nv.w16, nv.keep_f32, nv.out16), (Some(16), true, true, true));
+        assert_eq!((nv.mma, nv.w16, nv.wv32, nv.out16), (Some(16), true, false, true));
         assert_eq!(ChunkSpec::for_backward(64, &p, &caps(8, 32)).mma, None);
         let apple = ChunkSpec::for_backward(32, &p, &caps(8, 32));
         assert_eq!((apple.mma, apple.out16), (Some(8), true));
@@ -563,9 +584,10 @@ mod tests {
         let mut f32_problem = p.clone();
         f32_problem.dtype = DType::F32;
         assert_eq!(ChunkSpec::for_backward(64, &f32_problem, &caps(16, 48)).mma, None);
-        let [.., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, true);
+        let [_, _, _, w, .., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, &nv);
+        assert_eq!(w, 0); // no f32 w where the local pass runs on cooperative matrices
         assert_eq!((wk16, qk16), (2 * 2 * 32 * 64 * 128, 2 * 2 * 16 * 64 * 128));
-        let [.., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, false);
+        let [.., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, &bwd_spec(false));
         assert_eq!((wk16, qk16), (0, 0));
     }
 

@@ -39,7 +39,7 @@ pub(crate) fn backward(
     let spec = ChunkSpec::for_backward(chunk, p, caps);
     let mma = spec.mma.is_some();
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_TRAIN_WINDOW_BYTES);
-    let per = bwd_scratch_per_chunk(p, c, mma);
+    let per = bwd_scratch_per_chunk(p, c, &spec);
     let max_local =
         max_local_for(p, c, &per, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
