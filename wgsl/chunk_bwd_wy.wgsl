@@ -287,9 +287,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let nb = (ch.y + 3u) / 4u;   // blocks of four rows holding the chunk's rows
 
     // A into mt (lower triangle and diagonal; its zeros above), with phase 1's first slice in flight.
+    let ha = a_rows(lc, hv);
     var av: array<vec4<f32>, 4>;
     for (var x = 0u; x < (CH * q4 + WG - 1u) / WG; x++) {
-        av[x] = a[hb * q4 + min(lid + WG * x, CH * q4 - 1u)];
+        av[x] = a[ha * q4 + min(lid + WG * x, CH * q4 - 1u)];
     }
     var nx = fetch_da(0u, lid);
     for (var x = 0u; x < (CH * q4 + WG - 1u) / WG; x++) {

@@ -79,6 +79,11 @@ override WV32: bool = true;
 // from the keys it stages) and, with OUT16, k of qk16 (q of qk16: chunk_pack16.wgsl).
 override W16: bool = false;
 
+// A is indexed by each chunk's state slot instead of its local index: the training forward writes it
+// into the saved A ([G, HV, C, C], canonical like the saved states, bound a window slice at a time)
+// and the backward reads it back from there instead of solving again.
+override A_SLOT: bool = false;
+
 // Workgroup size of every chunked pass.
 const WG: u32 = 256u;
 // Largest workgroup tile (floats): C*C, K*BV, C*BD and C*BVO are kept <= TILE (host-checked).
@@ -124,6 +129,11 @@ fn outer4(acc: ptr<function, array<vec4<f32>, 4>>, a: vec4<f32>, b: vec4<f32>) {
 // Offset of the state at the start of local chunk lc, value head hv, in the window's states h.
 fn h_base(lc: u32, hv: u32) -> u32 {
     return (info[P.slot_off + lc] * HV + hv) * K * V;
+}
+
+// Row offset of local chunk lc, value head hv, in `a` (rows of C; see A_SLOT).
+fn a_rows(lc: u32, hv: u32) -> u32 {
+    return (select(lc, info[P.slot_off + lc], A_SLOT) * HV + hv) * CH;
 }
 
 // Index of the local chunk of the workgroup on the y/z axes of the grid.

@@ -10,6 +10,9 @@
 // gc and have bm = 0.
 //
 // Grid: (ceil(HV / WG), local chunks on y/z); one thread per (lc, hv), sequential over the chunk.
+// Every load is issued before the first store: the compiler cannot tell that the stores to gc, bm do
+// not alias g, beta, and with loads and stores interleaved it waited on each load in turn (0.04 ms a
+// window on the H100 whatever its size, docs/PERF.md R53).
 
 @group(0) @binding(2) var<storage, read> g: array<u32>;
 @group(0) @binding(3) var<storage, read> beta: array<u32>;
@@ -35,17 +38,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let ch = chunk_at(lc);
     let base = (lc * HV + hv) * CH;
+    var xg: array<f32, 64>; // log-decay of each row (0 past len and where masked)
+    var xb: array<f32, 64>; // beta likewise
+    for (var i = 0u; i < CH; i++) {
+        let row = ch.x + min(i, ch.y - 1u);
+        let ok = i < ch.y && live(row);
+        xg[i] = select(0.0, log_decay(ld_g(row * HV + hv)), ok);
+        xb[i] = select(0.0, ld_beta(row * HV + hv), ok);
+    }
     var acc = 0.0;
     for (var i = 0u; i < CH; i++) {
-        var b = 0.0;
-        if (i < ch.y) {
-            let row = ch.x + i;
-            if (live(row)) {
-                acc += log_decay(ld_g(row * HV + hv));
-                b = ld_beta(row * HV + hv);
-            }
-        }
+        acc += xg[i];
         gc[base + i] = acc;
-        bm[base + i] = b;
+        bm[base + i] = xb[i];
     }
 }

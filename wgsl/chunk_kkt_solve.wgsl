@@ -194,7 +194,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
 
         // A out, zeros above the diagonal and ones on it.
-        let ab4 = (lc * HV + hv) * CH * (CH / 4u);
+        let ab4 = a_rows(lc, hv) * (CH / 4u);
         for (var e = lid; e < CH * q4; e += WG) {
             let i = e / q4;
             let jv = vec4<u32>(0u, 1u, 2u, 3u) + (e % q4) * 4u;

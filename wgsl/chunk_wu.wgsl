@@ -64,10 +64,11 @@ struct Slice {
 }
 
 // Slice j0: columns j0 .. j0 + BS of A, rows j0 .. j0 + BS of K or V (rows past the chunk's end 0).
-fn fetch(j0: u32, lid: u32, ch: vec3<u32>, hb: u32, is_w: bool, hk: u32, hv: u32, d0: u32) -> Slice {
+// ha: the chunk's first row in `a` (a_rows).
+fn fetch(j0: u32, lid: u32, ch: vec3<u32>, ha: u32, is_w: bool, hk: u32, hv: u32, d0: u32) -> Slice {
     var f: Slice;
     if (lid < CH * (BS / 4u)) {
-        f.l = a[((hb + lid / 4u) * CH + j0) / 4u + lid % 4u];
+        f.l = a[((ha + lid / 4u) * CH + j0) / 4u + lid % 4u];
     }
     for (var x = 0u; x < (BS * BD / 2u + WG - 1u) / WG; x++) {
         // BD = 16 has fewer pairs than threads: the surplus threads load the last pair again and
@@ -100,8 +101,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
+    let ha = a_rows(lc, hv);
 
-    var nx = fetch(0u, lid, ch, hb, is_w, hk, hv, d0);
+    var nx = fetch(0u, lid, ch, ha, is_w, hk, hv, d0);
     if (lid < CH) {
         var f = 0.0;
         if (lid < ch.y) {
@@ -152,7 +154,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         if (j0 + BS < CH) {
-            nx = fetch(j0 + BS, lid, ch, hb, is_w, hk, hv, d0);
+            nx = fetch(j0 + BS, lid, ch, ha, is_w, hk, hv, d0);
         }
         if (in_tile && tr * 4u + 3u >= j0) {
             for (var kk = 0u; kk < BS; kk++) {

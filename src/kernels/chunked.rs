@@ -50,6 +50,9 @@ pub struct ChunkSpec {
     /// The w/u pass writes the state walk's f16 operands (`W16`, with `wk16`), and with `out16` k of
     /// `qk16`; the pack pass then only makes q.
     pub w16: bool,
+    /// A is the training forward's saved A, indexed by state slot (`A_SLOT`): the training forward
+    /// writes it, the backward reads it instead of solving again.
+    pub a_slot: bool,
 }
 
 impl ChunkSpec {
@@ -61,7 +64,7 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true, wv32: true, w16: false }
+        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true, wv32: true, w16: false, a_slot: false }
     }
 
     /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`): pf,
@@ -100,6 +103,7 @@ impl ChunkSpec {
         let stages = purpose == ForwardPurpose::Stages;
         spec.keep_f32 = purpose != ForwardPurpose::Inference || !spec.out16;
         spec.wv32 = stages || !spec.out16;
+        spec.a_slot = purpose == ForwardPurpose::Training;
         // The stage tests check the f16 operands on every device, so they are made there too.
         spec.w16 = stages || spec.mma.is_some();
         spec
@@ -183,6 +187,7 @@ impl ChunkSpec {
             spec.mma.is_some_and(|t| spec.bwd_local_mma_fits(p.dims.k, p.dims.v, t, caps.max_workgroup_storage));
         // f32 w only for the SIMT local pass (the SIMT walk reads w in f32 without W16 anyway).
         spec.wv32 = !spec.out16;
+        spec.a_slot = true;
         spec
     }
 
@@ -215,6 +220,7 @@ impl ChunkSpec {
                 ("KEEP_F32", b(self.keep_f32)),
                 ("WV32", b(self.wv32)),
                 ("W16", b(self.w16)),
+                ("A_SLOT", b(self.a_slot)),
             ],
         );
         match (kernel.mma(), self.mma) {
@@ -358,17 +364,24 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
     ]
 }
 
-/// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, a,
-/// w, u (recomputed), then vn, dvn, dh, dqp, dkp, dw, dgc (`wgsl/chunk_bwd_common.wgsl`), then the
-/// f16 operands wk16 and qk16 of the cooperative-matrix reverse walk (0 without `mma`).
-pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize, spec: &ChunkSpec) -> [u64; 14] {
+/// Scratch bytes per local chunk of the chunked backward, buffer by buffer: the forward's gc, bm, w,
+/// u (recomputed; A is the one the training forward saved, [`saved_a_per_chunk`]), then vn, dvn, dh, dqp,
+/// dkp, dw, dgc (`wgsl/chunk_bwd_common.wgsl`), then the f16 operands wk16 and qk16 of the
+/// cooperative-matrix reverse walk (0 without `mma`).
+pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize, spec: &ChunkSpec) -> [u64; 13] {
     let d = &p.dims;
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4 * hv;
     let mma = spec.w16;
     let set = ScratchSet { packed: mma, q16: mma, f32_states: true, f32_wv: spec.wv32, out16: false };
-    let [gc, bm, a, w, u, _, _, wk16, qk16, ..] = scratch_per_chunk(p, chunk, set);
-    [gc, bm, a, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, wk16, qk16]
+    let [gc, bm, _, w, u, _, _, wk16, qk16, ..] = scratch_per_chunk(p, chunk, set);
+    [gc, bm, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, wk16, qk16]
+}
+
+/// Bytes of the saved A per chunk (`[G, HV, C, C]` f32): the training forward writes it, the
+/// backward binds a window slice of it.
+pub fn saved_a_per_chunk(p: &Problem, chunk: usize) -> u64 {
+    (4 * p.dims.hv * chunk * chunk) as u64
 }
 
 /// Local chunks per window: all of them when they fit `budget` bytes of scratch, else the largest
@@ -516,11 +529,15 @@ mod tests {
             let l = max_local_for(&p, 64, &per, DEFAULT_TRAIN_WINDOW_BYTES, 2 << 30);
             let scratch = bwd_scratch_bytes(&p, 64, l, &bwd_spec(mma));
             let states = 32 * 256 * 128 * 128 * 4u64; // N * HV * T/64 * K * V floats
+            let saved_a = 256 * saved_a_per_chunk(&p, 64); // T/64 chunks of HV * C * C floats
+            assert_eq!(saved_a, 128 << 20);
             let grads = 2 * 16384 * 16 * 128 * 4 + 16384 * 32 * 128 * 4 + 2 * 16384 * 32 * 4u64;
             println!(
-                "B=1 T=16384 HV=32 K=V=128 C=64 (cooperative-matrix walk: {mma}): saved states {} MiB (T/64 = 256 \
-                 per head), backward scratch {} MiB (windows of {l} chunks, {} KiB per chunk), gradients {} MiB",
+                "B=1 T=16384 HV=32 K=V=128 C=64 (cooperative-matrix passes: {mma}): saved states {} MiB (T/64 = 256 \
+                 per head) and A {} MiB, backward scratch {} MiB (windows of {l} chunks, {} KiB per chunk), \
+                 gradients {} MiB",
                 states >> 20,
+                saved_a >> 20,
                 scratch >> 20,
                 per.iter().sum::<u64>() >> 10,
                 grads >> 20
@@ -584,7 +601,7 @@ mod tests {
         let mut f32_problem = p.clone();
         f32_problem.dtype = DType::F32;
         assert_eq!(ChunkSpec::for_backward(64, &f32_problem, &caps(16, 48)).mma, None);
-        let [_, _, _, w, .., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, &nv);
+        let [_, _, w, .., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, &nv);
         assert_eq!(w, 0); // no f32 w where the local pass runs on cooperative matrices
         assert_eq!((wk16, qk16), (2 * 2 * 32 * 64 * 128, 2 * 2 * 16 * 64 * 128));
         let [.., wk16, qk16] = bwd_scratch_per_chunk(&p, 64, &bwd_spec(false));

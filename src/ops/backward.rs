@@ -33,6 +33,8 @@ pub struct Saved {
     h0: Option<Tensor>,
     mask: Option<Tensor>,
     checkpoints: Tensor,
+    /// The chunked forward's A per chunk, `[G, HV, C, C]` in the order of the states (chunked only).
+    a: Option<Tensor>,
     every: usize,
     /// The chunk size when the chunked forward saved the states (for the chunked backward).
     chunk: Option<u32>,
@@ -67,6 +69,15 @@ impl Saved {
     /// Bytes of device memory the saved states take (the inputs are shared with the caller).
     pub fn state_bytes(&self) -> u64 {
         self.checkpoints.byte_len()
+    }
+    /// Bytes of device memory everything saved for the backward takes besides the inputs: the
+    /// states and, after the chunked forward, each chunk's A = (I + StrictLower(diag(beta) K K^T ∘
+    /// Γ))^-1 (`[G, HV, C, C]` f32: the backward reads it instead of solving again, as FLA's does).
+    pub fn saved_bytes(&self) -> u64 {
+        self.state_bytes() + self.a.as_ref().map_or(0, Tensor::byte_len)
+    }
+    pub(crate) fn a(&self) -> Option<&Tensor> {
+        self.a.as_ref()
     }
     pub(crate) fn q(&self) -> &Tensor {
         &self.q
@@ -165,18 +176,20 @@ impl Engine {
         if every == 0 || every > 4096 {
             return Err(Error::Option { name: "checkpoint_every", why: format!("must be 1..=4096, got {every}") });
         }
-        let (ck, out) = if let Some(c) = chunked {
+        let (ck, a, out) = if let Some(c) = chunked {
             let g = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(c)).sum();
-            // Every slot is written by the forward, so the buffer may be a recycled one.
+            // Every slot is written by the forward, so the buffers may be recycled ones.
             let ck = self.output_with("wgdelta.checkpoints", &[g, d.hv, d.k, d.v], true)?;
-            let out = super::chunked::forward(self, &p, x, c as u32, Some(&ck.buffer))?;
-            (ck, out)
+            let a = self.output_with("wgdelta.saved_a", &[g, d.hv, c, c], true)?;
+            let saves = super::chunked::TrainSaves { states: &ck.buffer, a: &a.buffer };
+            let out = super::chunked::forward(self, &p, x, c as u32, Some(saves))?;
+            (ck, Some(a), out)
         } else {
             let nb = p.seqs.max_len().div_ceil(every);
             // Fresh buffers are zero-filled by wgpu: blocks past a shorter sequence's end stay zero.
             let ck = self.gpu.empty("wgdelta.checkpoints", &[p.n_seqs(), d.hv, nb, d.k, d.v], DType::F32)?;
             let out = super::recurrent::forward(self, &p, x, Some((&ck.buffer, every as u32, nb as u32)))?;
-            (ck, out)
+            (ck, None, out)
         };
         let saved = Saved {
             problem: p,
@@ -190,6 +203,7 @@ impl Engine {
             h0: x.h0.cloned(),
             mask: x.mask.cloned(),
             checkpoints: ck,
+            a,
             every,
             chunk: chunked.map(|c| c as u32),
         };

@@ -17,7 +17,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::graph::{whole, PassGraph};
 use crate::kernels::chunked::{
-    max_local_chunks, scratch_per_chunk, windows, ChunkSpec, ForwardPurpose, Params, Window,
+    max_local_chunks, saved_a_per_chunk, scratch_per_chunk, windows, ChunkSpec, ForwardPurpose, Params, Window,
     DEFAULT_TRAIN_WINDOW_BYTES, DEFAULT_WINDOW_BYTES, WG, WORKGROUP_BYTES,
 };
 use crate::kernels::Kernel;
@@ -127,20 +127,22 @@ fn state_slots(p: &Problem, chunks: &[[u32; 3]], chunk: u32) -> Vec<u32> {
     slots
 }
 
+/// What a training forward saves for the chunked backward, in the canonical slot order
+/// (`state_slots`): the state at the start of every chunk `[G, HV, K, V]` and A `[G, HV, C, C]`.
+#[derive(Clone, Copy)]
+pub(crate) struct TrainSaves<'a> {
+    pub states: &'a wgpu::Buffer,
+    pub a: &'a wgpu::Buffer,
+}
+
 /// Forward by the chunked passes with chunks of `chunk` tokens: `o`, and `ht` when asked.
-/// With `states` (a training forward), the state at the start of every chunk is written there, in
-/// the canonical layout `[G, HV, K, V]` (`state_slots`), for the chunked backward.
-pub(crate) fn forward(
-    eng: &Engine,
-    p: &Problem,
-    x: &Inputs,
-    chunk: u32,
-    states: Option<&wgpu::Buffer>,
-) -> Result<Outputs> {
-    let default = if states.is_some() { DEFAULT_TRAIN_WINDOW_BYTES } else { DEFAULT_WINDOW_BYTES };
+/// With `saves` (a training forward), the state at the start of every chunk and A are written there
+/// for the chunked backward.
+pub(crate) fn forward(eng: &Engine, p: &Problem, x: &Inputs, chunk: u32, saves: Option<TrainSaves>) -> Result<Outputs> {
+    let default = if saves.is_some() { DEFAULT_TRAIN_WINDOW_BYTES } else { DEFAULT_WINDOW_BYTES };
     let budget = eng.settings.chunk_window_bytes.unwrap_or(default);
     let mut graph = eng.graph();
-    let (out, _) = record(eng, &mut graph, p, x, chunk, budget, false, states)?;
+    let (out, _) = record(eng, &mut graph, p, x, chunk, budget, false, saves)?;
     eng.submit(graph)?;
     Ok(out)
 }
@@ -161,8 +163,8 @@ pub(crate) struct Saved {
 
 /// Records the chunked forward of `p` into `graph` with windows of at most `budget` scratch bytes;
 /// `pack16` makes the f16 operands of the cooperative-matrix walk (`chunk_wu.wgsl`, W16) even where
-/// the walk that runs does not use them (stage tests check them on every device); `states`, the
-/// saved states of a training forward, takes the place of the per-window scratch `h`.
+/// the walk that runs does not use them (stage tests check them on every device); `saves`, the saved
+/// states and A of a training forward, take the place of the per-window scratch `h` and `a`.
 #[allow(clippy::too_many_arguments)]
 fn record(
     eng: &Engine,
@@ -172,8 +174,9 @@ fn record(
     chunk: u32,
     budget: u64,
     pack16: bool,
-    states: Option<&wgpu::Buffer>,
+    saves: Option<TrainSaves>,
 ) -> Result<(Outputs, Saved)> {
+    let states = saves.map(|s| s.states);
     let d = &p.dims;
     let c = chunk as usize;
     let n = p.n_seqs();
@@ -204,7 +207,11 @@ fn record(
     let sizes = [b_gc, b_bm, b_a, b_w, b_u, b_vn, b_h];
     let gc = graph.scratch("wgdelta.chunk.gc", b_gc, SAVED)?;
     let bm = graph.scratch("wgdelta.chunk.beta", b_bm, SAVED)?;
-    let a = graph.scratch("wgdelta.chunk.a", b_a, SAVED)?;
+    let a = match saves {
+        Some(s) => s.a.clone(),
+        None => graph.scratch("wgdelta.chunk.a", b_a, SAVED)?,
+    };
+    let per_a = saved_a_per_chunk(p, c);
     let u = graph.scratch("wgdelta.chunk.u", b_u, SAVED)?;
     // Buffers a variant leaves out are bound to a small scratch buffer it never touches.
     let opt = |graph: &mut PassGraph, label, bytes: u64| graph.scratch(label, bytes.max(16), SAVED);
@@ -245,8 +252,12 @@ fn record(
             graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), wgpu::BufferUsages::UNIFORM)?;
         if nl > 0 {
             let f16_bufs = [&wk16, &qk16];
-            let bufs = [&pc, &info, &gc, &bm, &a, &w, &u];
-            record_chunk_passes(graph, p, &spec, x, bufs, f16_bufs, set.q16, hv, kv, [cy, cz])?;
+            let bufs = [&pc, &info, &gc, &bm, &w, &u];
+            let ab = match saves {
+                Some(_) => window_slice(&a, first, nl as u64, per_a),
+                None => a.as_entire_buffer_binding(),
+            };
+            record_chunk_passes(graph, p, &spec, x, bufs, (ab, true), f16_bufs, set.q16, hv, kv, [cy, cz])?;
         }
         let hb = match states {
             Some(_) => window_slice(&h, first, nl as u64, per_state),
@@ -394,8 +405,9 @@ pub(crate) fn window_slice(states: &wgpu::Buffer, first: u64, n: u64, per: u64) 
     wgpu::BufferBinding { buffer: states, offset: first * per, size: std::num::NonZeroU64::new(size) }
 }
 
-/// Records the passes before the state walk: cumsum, kkt_solve, wu, and with `q16` the pack pass (q
-/// as f16 in plane 0 of `qk16`). `wk16`, `qk16`: where the w/u pass writes the f16 operands under
+/// Records the passes before the state walk: cumsum, kkt_solve (unless `solve` is false: a backward
+/// reads the A its training forward saved, bound as `a`), wu, and with `q16` the pack pass (q as f16
+/// in plane 0 of `qk16`). `wk16`, `qk16`: where the w/u pass writes the f16 operands under
 /// `spec.w16` (bound, untouched, without).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_chunk_passes(
@@ -403,7 +415,8 @@ pub(crate) fn record_chunk_passes(
     p: &Problem,
     spec: &ChunkSpec,
     x: &Inputs,
-    [pc, info, gc, bm, a, w, u]: [&wgpu::Buffer; 7],
+    [pc, info, gc, bm, w, u]: [&wgpu::Buffer; 6],
+    (a, solve): (wgpu::BufferBinding<'_>, bool),
     [wk16, qk16]: [&wgpu::Buffer; 2],
     q16: bool,
     hv: u32,
@@ -415,14 +428,29 @@ pub(crate) fn record_chunk_passes(
         &[pc, info, &x.g.buffer, &x.beta.buffer, gc, bm],
         [hv.div_ceil(WG), cy, cz],
     )?;
-    graph.dispatch(
-        &spec.key(Kernel::ChunkKktSolve, p),
-        &[pc, info, &x.k.buffer, gc, bm, a],
-        [p.dims.h as u32, cy, cz],
-    )?;
-    graph.dispatch(
+    if solve {
+        graph.dispatch_ranges(
+            &spec.key(Kernel::ChunkKktSolve, p),
+            &[whole(pc), whole(info), whole(&x.k.buffer), whole(gc), whole(bm), a.clone()],
+            [p.dims.h as u32, cy, cz],
+        )?;
+    }
+    let k = &x.k.buffer;
+    graph.dispatch_ranges(
         &spec.key(Kernel::ChunkWu, p),
-        &[pc, info, &x.k.buffer, &x.v.buffer, gc, bm, a, w, u, wk16, qk16],
+        &[
+            whole(pc),
+            whole(info),
+            whole(k),
+            whole(&x.v.buffer),
+            whole(gc),
+            whole(bm),
+            a,
+            whole(w),
+            whole(u),
+            whole(wk16),
+            whole(qk16),
+        ],
         [hv * (kv / spec.bd), cy, cz],
     )?;
     if q16 {

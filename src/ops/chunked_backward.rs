@@ -13,9 +13,12 @@ use super::backward::{Grads, Saved};
 use super::chunked::{check_workgroup_memory, record_chunk_passes, split, window_slice, ChunkTable, STORAGE};
 use super::Inputs;
 use crate::engine::Engine;
+use crate::error::Error;
 use crate::error::Result;
 use crate::graph::whole;
-use crate::kernels::chunked::{bwd_scratch_per_chunk, max_local_for, windows, ChunkSpec, DEFAULT_TRAIN_WINDOW_BYTES};
+use crate::kernels::chunked::{
+    bwd_scratch_per_chunk, max_local_for, saved_a_per_chunk, windows, ChunkSpec, DEFAULT_TRAIN_WINDOW_BYTES,
+};
 use crate::kernels::Kernel;
 use crate::problem::Problem;
 use crate::tensor::Tensor;
@@ -40,8 +43,12 @@ pub(crate) fn backward(
     let mma = spec.mma.is_some();
     let budget = eng.settings.chunk_window_bytes.unwrap_or(DEFAULT_TRAIN_WINDOW_BYTES);
     let per = bwd_scratch_per_chunk(p, c, &spec);
+    // Windows are sized with the saved A's slice counted too (it is bound per window like scratch).
+    let per_a = saved_a_per_chunk(p, c);
+    let mut sizing = per.to_vec();
+    sizing.push(per_a);
     let max_local =
-        max_local_for(p, c, &per, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
+        max_local_for(p, c, &sizing, budget, caps.max_binding).min((eng.gpu.max_tokens_per_dispatch() / c).max(1));
     let wins = windows(p, c, max_local);
     let l = wins.iter().map(|w| w.chunks.len()).max().unwrap_or(0).max(1) as u64;
 
@@ -58,10 +65,9 @@ pub(crate) fn backward(
 
     let mut graph = eng.graph();
     let info = table.record(&mut graph, saved.mask())?;
-    const NAMES: [&str; 14] = [
+    const NAMES: [&str; 13] = [
         "wgdelta.chunk.gc",
         "wgdelta.chunk.beta",
-        "wgdelta.chunk.a",
         "wgdelta.chunk.w",
         "wgdelta.chunk.u",
         "wgdelta.chunk.v_new",
@@ -80,8 +86,8 @@ pub(crate) fn backward(
         .zip(per)
         .map(|(name, b)| graph.scratch(name, (b * l).max(16), STORAGE))
         .collect::<Result<Vec<_>>>()?;
-    let [gc, bm, a, w, u, vn, dvn, dh, dqp, dkp, dw, dgc, wk16, qk16] = &bufs[..] else {
-        unreachable!("14 scratch buffers")
+    let [gc, bm, w, u, vn, dvn, dh, dqp, dkp, dw, dgc, wk16, qk16] = &bufs[..] else {
+        unreachable!("13 scratch buffers")
     };
     // dS is carried between windows in dh0 itself when the call has h0, else in scratch.
     let carry_scratch = match &dh0 {
@@ -93,6 +99,10 @@ pub(crate) fn backward(
     let key = |k: Kernel| spec.bwd_key(k, p, d_o.dtype(), dht.map(Tensor::dtype));
     let x = saved.inputs();
     let ck = &saved.checkpoints().buffer;
+    let saved_a = &saved
+        .a()
+        .ok_or_else(|| Error::Option { name: "algorithm", why: "no chunked forward saved A for this backward".into() })?
+        .buffer;
     let per_state = (d.hv * d.k * d.v * 4) as u64;
     // Each window's first slot in the canonical saved states.
     let firsts: Vec<u64> = wins
@@ -112,6 +122,7 @@ pub(crate) fn backward(
         let (sy, sz) = split(n, max);
         let params = |wg_per_row| table.params(wi, p, wg_per_row);
         let ckb = window_slice(ck, firsts[wi], nl as u64, per_state);
+        let ab = window_slice(saved_a, firsts[wi], nl as u64, per_a);
         let uniform = wgpu::BufferUsages::UNIFORM;
         let pc = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(cy)), uniform)?;
         let ps = graph.scratch_with("wgdelta.chunk.params", bytemuck::bytes_of(&params(sy)), uniform)?;
@@ -123,7 +134,8 @@ pub(crate) fn backward(
                 p,
                 &spec,
                 &x,
-                [&pc, &info, gc, bm, a, w, u],
+                [&pc, &info, gc, bm, w, u],
+                (ab.clone(), false), // A as the training forward saved it
                 [wk16, qk16],
                 mma, // q as f16 for the cooperative-matrix walk
                 hv,
@@ -202,11 +214,9 @@ pub(crate) fn backward(
                 ],
                 [hv, cy, cz],
             )?;
-            graph.dispatch(
-                &key(Kernel::ChunkBwdWy),
-                &[&pc, &info, k, v, g, gc, bm, a, dw, dvn, dgc, dkp, &dv.buffer, &dbeta.buffer, &dg.buffer],
-                [hv, cy, cz],
-            )?;
+            let wy = [&pc, &info, k, v, g, gc, bm].map(whole).into_iter().chain([ab]);
+            let wy_out = [dw, dvn, dgc, dkp, &dv.buffer, &dbeta.buffer, &dg.buffer].map(whole);
+            graph.dispatch_ranges(&key(Kernel::ChunkBwdWy), &wy.chain(wy_out).collect::<Vec<_>>(), [hv, cy, cz])?;
             graph.dispatch(
                 &key(Kernel::ChunkBwdReduce),
                 &[&pc, &info, dqp, dkp, &dq.buffer, &dk.buffer],
