@@ -21,7 +21,6 @@
 // Every workgroup variable is a multiple of 16 bytes (docs/PERF.md, R37).
 // Host-checked (ChunkSpec::bwd_local_mma_fits): C and V multiples of 2 CT, K of CT; the arrays fit.
 
-@group(0) @binding(2) var<storage, read> qk16: array<f16>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
 @group(0) @binding(4) var<storage, read> wk: array<f16>;
 @group(0) @binding(5) var<storage, read> u: array<f32>;
@@ -30,19 +29,12 @@
 @group(0) @binding(8) var<storage, read_write> vn: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dvn: array<f32>;
 
-const MWG: u32 = 256u;
-override PS: u32 = CH + 8u;                // row stride of p16 (rows in different banks)
-override XS: u32 = V + 8u;                 // row stride of x16
+// pf, p16, zt, gcs, ctl and qk16 (binding 2): chunk_mma_qk.wgsl.
 override FN: u32 = CH * CH;
-override PN: u32 = CH * PS;
+override XS: u32 = V + 8u;                 // row stride of x16
 override XN: u32 = CH * XS;
 
-var<workgroup> pf: array<f32, FN>;     // [C][C]: P
-var<workgroup> p16: array<f16, PN>;    // [C][PS]: scale P ∘ Γ
 var<workgroup> x16: array<f16, XN>;    // [C][XS]: do, then CH rows of h at a time
-var<workgroup> zt: array<f32, 256>;    // zeros: the accumulators' starting tile
-var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end)
-var<workgroup> ctl: vec4<u32>;         // (subgroup count, state slot)
 
 fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_of(DO_DT, i)], i), live(row)); }
 
@@ -77,42 +69,12 @@ fn main(
     let sb = (cu.y * HV + hv) * K * V; // the saved state (its window slice of ck)
     let zp = &zt[0];
     let qb = (lc * H + hk) * 2u * CH * K; // q; k follows at + C * K
-    let kb = qb + CH * K;
     let wb = (lc * HV + hv) * 2u * CH * K; // -w (plane 0 of wk16)
     let pt = CH / CT;
 
-    // 1. P = Q K^T, a pair of column tiles per task (one A tile feeds two products).
-    let np = pt * (pt / 2u);
-    let rp = (np + nsgu - 1u) / nsgu;
-    for (var it = 0u; it < rp; it++) {
-        let t = min(sg + it * nsgu, np - 1u);
-        let i0 = (t / (pt / 2u)) * CT;
-        let c0 = (t % (pt / 2u)) * 2u * CT;
-        var p0 = coopLoadT<MC>(zp, CT);
-        var p1 = coopLoadT<MC>(zp, CT);
-        for (var m0 = 0u; m0 < K; m0 += CT) {
-            let ap = &qk16[qb + i0 * K + m0];
-            let a = coopLoadT<MA>(ap, K);
-            // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K.
-            let b0 = &qk16[kb + c0 * K + m0];
-            let b1 = &qk16[kb + (c0 + CT) * K + m0];
-            p0 = coopMultiplyAdd(a, coopLoad<MB>(b0, K), p0);
-            p1 = coopMultiplyAdd(a, coopLoad<MB>(b1, K), p1);
-        }
-        let s0 = &pf[i0 * CH + c0];
-        let s1 = &pf[i0 * CH + c0 + CT];
-        coopStoreT(p0, s0, CH);
-        coopStoreT(p1, s1, CH);
-    }
-    workgroupBarrier();
-
-    // 2. Scale, decay and causal mask (min(j, i): no overflow in the branch the select drops); do.
-    for (var e = lid; e < CH * CH; e += MWG) {
-        let i = e / CH;
-        let j = e % CH;
-        let keep = j <= i && i < ch.y;
-        p16[i * PS + j] = f16(select(0.0, P.scale * pf[e] * exp(gcs[i] - gcs[min(j, i)]), keep));
-    }
+    // 1, 2. P = Q K^T -> pf; p16 = f16(scale P ∘ Γ) (chunk_mma_qk.wgsl); do.
+    qk_to_pf(qb, sg, nsgu);
+    pf_to_p16(lid, ch.y, P.scale);
     for (var e = lid; e < CH * V; e += MWG) {
         let i = e / V;
         let row = ch.x + min(i, ch.y - 1u);

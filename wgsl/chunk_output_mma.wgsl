@@ -28,24 +28,13 @@
 //   5. o = scale * T for the chunk's rows (0 where masked).
 // Host-checked (ChunkSpec::output_mma_fits): C and BVO multiples of 2 CT, K of CT; the arrays fit.
 
-@group(0) @binding(2) var<storage, read> qk16: array<f16>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
 @group(0) @binding(4) var<storage, read> h16: array<f16>;
 @group(0) @binding(5) var<storage, read> vn16: array<f16>;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
 
-const MWG: u32 = 256u;
-override PS: u32 = CH + 8u;                // row stride of p16 (rows in different banks)
+// pf (chunk_mma_qk.wgsl) holds P, then T [C][BVO].
 override FN: u32 = CH * max(CH, BVO);
-override PN: u32 = CH * PS;
-
-var<workgroup> pf: array<f32, FN>;     // [C][C]: P; then [C][BVO]: T
-var<workgroup> p16: array<f16, PN>;    // [C][PS]: P ∘ Γ
-var<workgroup> zt: array<f32, 256>;    // zeros: the accumulators' starting tile
-var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end)
-// (subgroup count, state slot): one 16-byte variable, so that every workgroup variable is a multiple
-// of 16 bytes and the f16 tiles start 16-byte aligned whatever order the driver lays them out in.
-var<workgroup> ctl: vec4<u32>;
 
 @compute @workgroup_size(MWG)
 fn main(
@@ -80,43 +69,13 @@ fn main(
     let sl = cu.y;
     let zp = &zt[0];
     let qb = (lc * H + hk) * 2u * CH * K; // q; k follows at + C * K
-    let kb = qb + CH * K;
     let sb = (sl * HV + hv) * K * V + j0;
     let vb = hb * V + j0;
     let pt = CH / CT;
 
-    // 1. P = Q K^T, a pair of column tiles per task (one A tile feeds two products).
-    let np = pt * (pt / 2u);
-    let rp = (np + nsgu - 1u) / nsgu;
-    for (var it = 0u; it < rp; it++) {
-        let t = min(sg + it * nsgu, np - 1u);
-        let i0 = (t / (pt / 2u)) * CT;
-        let c0 = (t % (pt / 2u)) * 2u * CT;
-        var p0 = coopLoadT<MC>(zp, CT);
-        var p1 = coopLoadT<MC>(zp, CT);
-        for (var m0 = 0u; m0 < K; m0 += CT) {
-            let ap = &qk16[qb + i0 * K + m0];
-            let a = coopLoadT<MA>(ap, K);
-            // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K.
-            let b0 = &qk16[kb + c0 * K + m0];
-            let b1 = &qk16[kb + (c0 + CT) * K + m0];
-            p0 = coopMultiplyAdd(a, coopLoad<MB>(b0, K), p0);
-            p1 = coopMultiplyAdd(a, coopLoad<MB>(b1, K), p1);
-        }
-        let s0 = &pf[i0 * CH + c0];
-        let s1 = &pf[i0 * CH + c0 + CT];
-        coopStoreT(p0, s0, CH);
-        coopStoreT(p1, s1, CH);
-    }
-    workgroupBarrier();
-
-    // 2. Decay and causal mask (min(j, i): no overflow in the branch the select drops).
-    for (var e = lid; e < CH * CH; e += MWG) {
-        let i = e / CH;
-        let j = e % CH;
-        let keep = j <= i && i < ch.y;
-        p16[i * PS + j] = f16(select(0.0, pf[e] * exp(gcs[i] - gcs[min(j, i)]), keep));
-    }
+    // 1, 2. P = Q K^T -> pf; p16 = f16(P ∘ Γ) (chunk_mma_qk.wgsl).
+    qk_to_pf(qb, sg, nsgu);
+    pf_to_p16(lid, ch.y, 1.0);
     workgroupBarrier(); // pf is free
 
     // 3. T = Q S, then its rows scaled by exp(gc). Tasks: 2 x 2 tiles (two A and two B tiles feed

@@ -41,6 +41,7 @@ pub mod src {
     pub const CHUNK_OUTPUT: &str = include_str!("../../wgsl/chunk_output.wgsl");
     pub const CHUNK_OUTPUT_MMA: &str = include_str!("../../wgsl/chunk_output_mma.wgsl");
     pub const CHUNK_BWD_LOCAL_MMA: &str = include_str!("../../wgsl/chunk_bwd_local_mma.wgsl");
+    pub const CHUNK_MMA_QK: &str = include_str!("../../wgsl/chunk_mma_qk.wgsl");
     pub const CHUNK_BWD_COMMON: &str = include_str!("../../wgsl/chunk_bwd_common.wgsl");
     pub const CHUNK_BWD_LOCAL: &str = include_str!("../../wgsl/chunk_bwd_local.wgsl");
     pub const CHUNK_BWD_STATE: &str = include_str!("../../wgsl/chunk_bwd_state.wgsl");
@@ -349,6 +350,9 @@ pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: 
     }
     if matches!(kernel, Kernel::ChunkStateMma | Kernel::ChunkBwdStateMma) {
         s.push_str(src::CHUNK_MMA_STAGE);
+    }
+    if matches!(kernel, Kernel::ChunkOutputMma | Kernel::ChunkBwdLocalMma) {
+        s.push_str(src::CHUNK_MMA_QK);
     }
     if matches!(kernel, Kernel::ChunkOutput | Kernel::ChunkBwdLocal) {
         s.push_str(src::CHUNK_QK);

@@ -1,0 +1,60 @@
+// chunk_mma_qk.wgsl — shared by chunk_output_mma.wgsl and chunk_bwd_local_mma.wgsl (after
+// kernels::mma_header): the chunk's P = Q K^T on cooperative matrices and its scaled, decayed, causal
+// f16 copy, and the workgroup arrays around them. Each kernel sizes pf (`FN`: at least C x C).
+// Every workgroup variable is a multiple of 16 bytes (docs/PERF.md, R37).
+
+@group(0) @binding(2) var<storage, read> qk16: array<f16>; // [L, H, 2, C, K]: q, then k
+
+const MWG: u32 = 256u;
+override PS: u32 = CH + 8u;            // row stride of p16 (rows in different banks)
+override PN: u32 = CH * PS;
+
+var<workgroup> pf: array<f32, FN>;     // [C][C]: P (the kernel may reuse it after p16 is made)
+var<workgroup> p16: array<f16, PN>;    // [C][PS]: s P ∘ Γ
+var<workgroup> zt: array<f32, 256>;    // zeros: the accumulators' starting tile
+var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end)
+// (subgroup count, state slot): one 16-byte variable, so that every workgroup variable is a multiple
+// of 16 bytes and the f16 tiles start 16-byte aligned whatever order the driver lays them out in.
+var<workgroup> ctl: vec4<u32>;
+
+// P = Q K^T -> pf, for the q plane at qb of qk16 (k at qb + C K); a row tile and a pair of column
+// tiles per task (one A tile feeds two products). zt must hold zeros; sg, nsgu uniform per subgroup.
+fn qk_to_pf(qb: u32, sg: u32, nsgu: u32) {
+    let kb = qb + CH * K;
+    let pt = CH / CT;
+    let np = pt * (pt / 2u);
+    let rp = (np + nsgu - 1u) / nsgu;
+    let zp = &zt[0];
+    for (var it = 0u; it < rp; it++) {
+        let t = min(sg + it * nsgu, np - 1u);
+        let i0 = (t / (pt / 2u)) * CT;
+        let c0 = (t % (pt / 2u)) * 2u * CT;
+        var p0 = coopLoadT<MC>(zp, CT);
+        var p1 = coopLoadT<MC>(zp, CT);
+        for (var m0 = 0u; m0 < K; m0 += CT) {
+            let ap = &qk16[qb + i0 * K + m0];
+            let a = coopLoadT<MA>(ap, K);
+            // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K.
+            let b0 = &qk16[kb + c0 * K + m0];
+            let b1 = &qk16[kb + (c0 + CT) * K + m0];
+            p0 = coopMultiplyAdd(a, coopLoad<MB>(b0, K), p0);
+            p1 = coopMultiplyAdd(a, coopLoad<MB>(b1, K), p1);
+        }
+        let s0 = &pf[i0 * CH + c0];
+        let s1 = &pf[i0 * CH + c0 + CT];
+        coopStoreT(p0, s0, CH);
+        coopStoreT(p1, s1, CH);
+    }
+    workgroupBarrier();
+}
+
+// p16 = f16(s P ∘ Γ), Γ_ij = exp(gc_i - gc_j) for j <= i < len, else 0 (min(j, i): no overflow in
+// the branch the select drops). No barrier after it.
+fn pf_to_p16(lid: u32, len: u32, s: f32) {
+    for (var e = lid; e < CH * CH; e += MWG) {
+        let i = e / CH;
+        let j = e % CH;
+        let keep = j <= i && i < len;
+        p16[i * PS + j] = f16(select(0.0, s * pf[e] * exp(gcs[i] - gcs[min(j, i)]), keep));
+    }
+}
