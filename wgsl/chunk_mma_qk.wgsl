@@ -4,6 +4,7 @@
 // Every workgroup variable is a multiple of 16 bytes (docs/PERF.md, R37).
 
 @group(0) @binding(2) var<storage, read> qk16: array<f16>; // [L, H, 2, C, K]: q, then k
+@group(0) @binding(3) var<storage, read> gc: array<f32>;
 
 const MWG: u32 = 256u;
 override PS: u32 = CH + 8u;            // row stride of p16 (rows in different banks)
@@ -16,6 +17,22 @@ var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end
 // (subgroup count, state slot): one 16-byte variable, so that every workgroup variable is a multiple
 // of 16 bytes and the f16 tiles start 16-byte aligned whatever order the driver lays them out in.
 var<workgroup> ctl: vec4<u32>;
+
+// The writes every workgroup starts with: gc of the chunk's rows (hb: its first row in gc, len its
+// length), the zero tile, and ctl = (subgroup count, state slot of local chunk lc). The caller then
+// reads ctl back with workgroupUniformLoad in its own entry point (also the barrier for the rest):
+// naga treats a helper's result as non-uniform (docs/PERF.md, R36).
+fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
+    if (lid < CH) {
+        gcs[lid] = select(0.0, gc[hb + lid], lid < len);
+    }
+    for (var e = lid; e < CT * CT; e += MWG) {
+        zt[e] = 0.0;
+    }
+    if (lid == 0u) {
+        ctl = vec4<u32>(nsg, info[P.slot_off + lc], 0u, 0u);
+    }
+}
 
 // P = Q K^T -> pf, for the q plane at qb of qk16 (k at qb + C K); a row tile and a pair of column
 // tiles per task (one A tile feeds two products). zt must hold zeros; sg, nsgu uniform per subgroup.

@@ -28,7 +28,6 @@
 //   5. o = scale * T for the chunk's rows (0 where masked).
 // Host-checked (ChunkSpec::output_mma_fits): C and BVO multiples of 2 CT, K of CT; the arrays fit.
 
-@group(0) @binding(3) var<storage, read> gc: array<f32>;
 @group(0) @binding(4) var<storage, read> h16: array<f16>;
 @group(0) @binding(5) var<storage, read> vn16: array<f16>;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
@@ -55,15 +54,7 @@ fn main(
     let hk = hv / GROUP;
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
-    if (lid < CH) {
-        gcs[lid] = select(0.0, gc[hb + lid], lid < ch.y);
-    }
-    for (var e = lid; e < CT * CT; e += MWG) {
-        zt[e] = 0.0;
-    }
-    if (lid == 0u) {
-        ctl = vec4<u32>(nsg, info[P.slot_off + lc], 0u, 0u);
-    }
+    qk_prologue(lid, nsg, lc, hb, ch.y);
     let cu = workgroupUniformLoad(&ctl); // also the barrier for gcs and zt
     let nsgu = cu.x;
     let sl = cu.y;

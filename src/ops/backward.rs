@@ -33,11 +33,10 @@ pub struct Saved {
     h0: Option<Tensor>,
     mask: Option<Tensor>,
     checkpoints: Tensor,
-    /// The chunked forward's A per chunk, `[G, HV, C, C]` in the order of the states (chunked only).
-    a: Option<Tensor>,
     every: usize,
-    /// The chunk size when the chunked forward saved the states (for the chunked backward).
-    chunk: Option<u32>,
+    /// After the chunked forward (for the chunked backward): the chunk size, and each chunk's A,
+    /// `[G, HV, C, C]` in the order of the states.
+    chunked: Option<(u32, Tensor)>,
 }
 
 impl Saved {
@@ -64,7 +63,7 @@ impl Saved {
     /// picks chunked where [`auto_chunked_backward`] says so (and no other `checkpoint_every` than
     /// 64 was set).
     pub fn chunk(&self) -> Option<u32> {
-        self.chunk
+        self.chunked.as_ref().map(|c| c.0)
     }
     /// Bytes of device memory the saved states take (the inputs are shared with the caller).
     pub fn state_bytes(&self) -> u64 {
@@ -74,10 +73,7 @@ impl Saved {
     /// states and, after the chunked forward, each chunk's A = (I + StrictLower(diag(beta) K K^T ∘
     /// Γ))^-1 (`[G, HV, C, C]` f32: the backward reads it instead of solving again, as FLA's does).
     pub fn saved_bytes(&self) -> u64 {
-        self.state_bytes() + self.a.as_ref().map_or(0, Tensor::byte_len)
-    }
-    pub(crate) fn a(&self) -> Option<&Tensor> {
-        self.a.as_ref()
+        self.state_bytes() + self.chunked.as_ref().map_or(0, |c| c.1.byte_len())
     }
     pub(crate) fn q(&self) -> &Tensor {
         &self.q
@@ -176,14 +172,14 @@ impl Engine {
         if every == 0 || every > 4096 {
             return Err(Error::Option { name: "checkpoint_every", why: format!("must be 1..=4096, got {every}") });
         }
-        let (ck, a, out) = if let Some(c) = chunked {
+        let (ck, chunked, out) = if let Some(c) = chunked {
             let g = (0..p.n_seqs()).map(|s| p.seqs.range(s).len().div_ceil(c)).sum();
             // Every slot is written by the forward, so the buffers may be recycled ones.
             let ck = self.output_with("wgdelta.checkpoints", &[g, d.hv, d.k, d.v], true)?;
             let a = self.output_with("wgdelta.saved_a", &[g, d.hv, c, c], true)?;
             let saves = super::chunked::TrainSaves { states: &ck.buffer, a: &a.buffer };
             let out = super::chunked::forward(self, &p, x, c as u32, Some(saves))?;
-            (ck, Some(a), out)
+            (ck, Some((c as u32, a)), out)
         } else {
             let nb = p.seqs.max_len().div_ceil(every);
             // Fresh buffers are zero-filled by wgpu: blocks past a shorter sequence's end stay zero.
@@ -203,9 +199,8 @@ impl Engine {
             h0: x.h0.cloned(),
             mask: x.mask.cloned(),
             checkpoints: ck,
-            a,
             every,
-            chunk: chunked.map(|c| c as u32),
+            chunked,
         };
         Ok((out, saved))
     }
@@ -235,8 +230,8 @@ impl Engine {
             dht: dht.map(Tensor::meta),
         };
         let p = Problem::new(&meta, saved.cu_seqlens.as_deref(), &saved.opts, true)?;
-        if let Some(chunk) = saved.chunk {
-            return super::chunked_backward::backward(self, &p, saved, d_o, dht, chunk);
+        if let Some((chunk, a)) = &saved.chunked {
+            return super::chunked_backward::backward(self, &p, saved, a, d_o, dht, *chunk);
         }
         let d = p.dims;
         let n = p.n_seqs();

@@ -13,7 +13,6 @@ use super::backward::{Grads, Saved};
 use super::chunked::{check_workgroup_memory, record_chunk_passes, split, window_slice, ChunkTable, STORAGE};
 use super::Inputs;
 use crate::engine::Engine;
-use crate::error::Error;
 use crate::error::Result;
 use crate::graph::whole;
 use crate::kernels::chunked::{
@@ -25,11 +24,12 @@ use crate::tensor::Tensor;
 
 /// Gradients of `p` (validated with its upstream gradients) by the chunked passes with chunks of
 /// `chunk` tokens; `saved` holds the chunked forward's states of that chunk size
-/// ([`Saved::chunk`]).
+/// ([`Saved::chunk`]) and `saved_a` its A per chunk.
 pub(crate) fn backward(
     eng: &Engine,
     p: &Problem,
     saved: &Saved,
+    saved_a: &Tensor,
     d_o: &Tensor,
     dht: Option<&Tensor>,
     chunk: u32,
@@ -99,10 +99,7 @@ pub(crate) fn backward(
     let key = |k: Kernel| spec.bwd_key(k, p, d_o.dtype(), dht.map(Tensor::dtype));
     let x = saved.inputs();
     let ck = &saved.checkpoints().buffer;
-    let saved_a = &saved
-        .a()
-        .ok_or_else(|| Error::Option { name: "algorithm", why: "no chunked forward saved A for this backward".into() })?
-        .buffer;
+    let saved_a = &saved_a.buffer;
     let per_state = (d.hv * d.k * d.v * 4) as u64;
     // Each window's first slot in the canonical saved states.
     let firsts: Vec<u64> = wins
@@ -142,42 +139,15 @@ pub(crate) fn backward(
                 kv,
                 [cy, cz],
             )?;
-            if spec.out16 {
-                graph.dispatch_ranges(
-                    &key(Kernel::ChunkBwdLocalMma),
-                    &[
-                        whole(&pc),
-                        whole(&info),
-                        whole(qk16),
-                        whole(gc),
-                        whole(wk16),
-                        whole(u),
-                        ckb.clone(),
-                        whole(dout),
-                        whole(vn),
-                        whole(dvn),
-                    ],
-                    [hv, cy, cz],
-                )?;
+            // The local pass: on cooperative matrices from the f16 operands (q, k; -w), else from q, k, w.
+            let (local, operands) = if spec.out16 {
+                (Kernel::ChunkBwdLocalMma, vec![qk16, gc, wk16])
             } else {
-                graph.dispatch_ranges(
-                    &key(Kernel::ChunkBwdLocal),
-                    &[
-                        whole(&pc),
-                        whole(&info),
-                        whole(q),
-                        whole(k),
-                        whole(gc),
-                        whole(w),
-                        whole(u),
-                        ckb.clone(),
-                        whole(dout),
-                        whole(vn),
-                        whole(dvn),
-                    ],
-                    [hv, cy, cz],
-                )?;
-            }
+                (Kernel::ChunkBwdLocal, vec![q, k, gc, w])
+            };
+            let mut binds: Vec<_> = [&pc, &info].into_iter().chain(operands).chain([u]).map(whole).collect();
+            binds.extend([ckb.clone(), whole(dout), whole(vn), whole(dvn)]);
+            graph.dispatch_ranges(&key(local), &binds, [hv, cy, cz])?;
         }
         let walk = [hv * (d.v as u32 / spec.bv), sy, sz];
         if mma {
