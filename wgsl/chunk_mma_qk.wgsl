@@ -14,12 +14,12 @@ var<workgroup> pf: array<f32, FN>;     // [C][C]: P (the kernel may reuse it aft
 var<workgroup> p16: array<f16, PN>;    // [C][PS]: s P ∘ Γ
 var<workgroup> zt: array<f32, 256>;    // zeros: the accumulators' starting tile
 var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end)
-// (subgroup count, state slot): one 16-byte variable, so that every workgroup variable is a multiple
+// (subgroup count, state slot, chunk length): one 16-byte variable, so that every workgroup variable is a multiple
 // of 16 bytes and the f16 tiles start 16-byte aligned whatever order the driver lays them out in.
 var<workgroup> ctl: vec4<u32>;
 
 // The writes every workgroup starts with: gc of the chunk's rows (hb: its first row in gc, len its
-// length), the zero tile, and ctl = (subgroup count, state slot of local chunk lc). The caller then
+// length), the zero tile, and ctl = (subgroup count, state slot of local chunk lc, len). The caller then
 // reads ctl back with workgroupUniformLoad in its own entry point (also the barrier for the rest):
 // naga treats a helper's result as non-uniform (docs/PERF.md, R36).
 fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
@@ -30,7 +30,7 @@ fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
         zt[e] = 0.0;
     }
     if (lid == 0u) {
-        ctl = vec4<u32>(nsg, info[P.slot_off + lc], 0u, 0u);
+        ctl = vec4<u32>(nsg, info[P.slot_off + lc], len, 0u);
     }
 }
 
@@ -48,14 +48,21 @@ fn qk_to_pf(qb: u32, sg: u32, nsgu: u32) {
         let c0 = (t % (pt / 2u)) * 2u * CT;
         var p0 = coopLoadT<MC>(zp, CT);
         var p1 = coopLoadT<MC>(zp, CT);
+        // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K. The next step's
+        // tiles are loaded before this step's products (software pipelining).
+        var a = coopLoadT<MA>(&qk16[qb + i0 * K], K);
+        var b0 = coopLoad<MB>(&qk16[kb + c0 * K], K);
+        var b1 = coopLoad<MB>(&qk16[kb + (c0 + CT) * K], K);
         for (var m0 = 0u; m0 < K; m0 += CT) {
-            let ap = &qk16[qb + i0 * K + m0];
-            let a = coopLoadT<MA>(ap, K);
-            // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K.
-            let b0 = &qk16[kb + c0 * K + m0];
-            let b1 = &qk16[kb + (c0 + CT) * K + m0];
-            p0 = coopMultiplyAdd(a, coopLoad<MB>(b0, K), p0);
-            p1 = coopMultiplyAdd(a, coopLoad<MB>(b1, K), p1);
+            let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
+            let na = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
+            let nb0 = coopLoad<MB>(&qk16[kb + c0 * K + mn], K);
+            let nb1 = coopLoad<MB>(&qk16[kb + (c0 + CT) * K + mn], K);
+            p0 = coopMultiplyAdd(a, b0, p0);
+            p1 = coopMultiplyAdd(a, b1, p1);
+            a = na;
+            b0 = nb0;
+            b1 = nb1;
         }
         let s0 = &pf[i0 * CH + c0];
         let s1 = &pf[i0 * CH + c0 + CT];

@@ -24,7 +24,8 @@
 //   1. P = Q K^T (C x C) -> pf (f32).
 //   2. p16 = f16(P ∘ Γ), Γ_ij = exp(gc_i - gc_j) for j <= i < len, else 0.
 //   3. T = Q S (C x BVO) -> pf; then row i of T times exp(gc_i).
-//   4. T += p16 v_new -> pf.
+//   4. T += p16 v_new: for a whole chunk without a mask, o = scale * T straight from the
+//      accumulators; otherwise T -> pf, then
 //   5. o = scale * T for the chunk's rows (0 where masked).
 // Host-checked (ChunkSpec::output_mma_fits): C and BVO multiples of 2 CT, K of CT; the arrays fit.
 
@@ -58,6 +59,7 @@ fn main(
     let cu = workgroupUniformLoad(&ctl); // also the barrier for gcs and zt
     let nsgu = cu.x;
     let sl = cu.y;
+    let direct = (cu.z == CH) & !HAS_MASK; // uniform: step 4 stores o itself
     let zp = &zt[0];
     let qb = (lc * H + hk) * 2u * CH * K; // q; k follows at + C * K
     let sb = (sl * HV + hv) * K * V + j0;
@@ -67,7 +69,10 @@ fn main(
     // 1, 2. P = Q K^T -> pf; p16 = f16(P ∘ Γ) (chunk_mma_qk.wgsl).
     qk_to_pf(qb, sg, nsgu);
     pf_to_p16(lid, ch.y, 1.0);
-    workgroupBarrier(); // pf is free
+    workgroupBarrier(); // pf is free; nothing reads gc after this but the row scaling of step 3
+    if (lid < CH) {
+        gcs[lid] = exp(gcs[lid]); // one exponential per row, not one per element
+    }
 
     // 3. T = Q S, then its rows scaled by exp(gc). Tasks: 2 x 2 tiles (two A and two B tiles feed
     // four products).
@@ -82,19 +87,26 @@ fn main(
         var t01 = coopLoadT<MC>(zp, CT);
         var t10 = coopLoadT<MC>(zp, CT);
         var t11 = coopLoadT<MC>(zp, CT);
+        // The next step's tiles are loaded before this step's products (software pipelining: a
+        // subgroup's loads from global memory overlap its products instead of preceding them).
+        var a0 = coopLoadT<MA>(&qk16[qb + i0 * K], K);
+        var a1 = coopLoadT<MA>(&qk16[qb + (i0 + CT) * K], K);
+        var b0 = coopLoadT<MB>(&h16[sb + c0], V);
+        var b1 = coopLoadT<MB>(&h16[sb + c0 + CT], V);
         for (var m0 = 0u; m0 < K; m0 += CT) {
-            let ap0 = &qk16[qb + i0 * K + m0];
-            let ap1 = &qk16[qb + (i0 + CT) * K + m0];
-            let bp0 = &h16[sb + m0 * V + c0];
-            let bp1 = &h16[sb + m0 * V + c0 + CT];
-            let a0 = coopLoadT<MA>(ap0, K);
-            let a1 = coopLoadT<MA>(ap1, K);
-            let b0 = coopLoadT<MB>(bp0, V);
-            let b1 = coopLoadT<MB>(bp1, V);
+            let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
+            let na0 = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
+            let na1 = coopLoadT<MA>(&qk16[qb + (i0 + CT) * K + mn], K);
+            let nb0 = coopLoadT<MB>(&h16[sb + mn * V + c0], V);
+            let nb1 = coopLoadT<MB>(&h16[sb + mn * V + c0 + CT], V);
             t00 = coopMultiplyAdd(a0, b0, t00);
             t01 = coopMultiplyAdd(a0, b1, t01);
             t10 = coopMultiplyAdd(a1, b0, t10);
             t11 = coopMultiplyAdd(a1, b1, t11);
+            a0 = na0;
+            a1 = na1;
+            b0 = nb0;
+            b1 = nb1;
         }
         let d00 = &pf[i0 * BVO + c0];
         let d01 = &pf[i0 * BVO + c0 + CT];
@@ -107,7 +119,7 @@ fn main(
     }
     workgroupBarrier();
     for (var e = lid; e < CH * BVO; e += MWG) {
-        pf[e] *= exp(gcs[e / BVO]);
+        pf[e] *= gcs[e / BVO]; // exp(gc), above
     }
     workgroupBarrier();
 
@@ -124,34 +136,47 @@ fn main(
         var t01 = coopLoadT<MC>(d01, BVO);
         var t10 = coopLoadT<MC>(d10, BVO);
         var t11 = coopLoadT<MC>(d11, BVO);
+        var b0 = coopLoadT<MB>(&vn16[vb + c0], V);
+        var b1 = coopLoadT<MB>(&vn16[vb + c0 + CT], V);
         for (var j = 0u; j < CH; j += CT) {
-            let ap0 = &p16[i0 * PS + j];
-            let ap1 = &p16[(i0 + CT) * PS + j];
-            let bp0 = &vn16[vb + j * V + c0];
-            let bp1 = &vn16[vb + j * V + c0 + CT];
-            let a0 = coopLoadT<MA>(ap0, PS);
-            let a1 = coopLoadT<MA>(ap1, PS);
-            let b0 = coopLoadT<MB>(bp0, V);
-            let b1 = coopLoadT<MB>(bp1, V);
+            let jn = min(j + CT, CH - CT);
+            let nb0 = coopLoadT<MB>(&vn16[vb + jn * V + c0], V);
+            let nb1 = coopLoadT<MB>(&vn16[vb + jn * V + c0 + CT], V);
+            let a0 = coopLoadT<MA>(&p16[i0 * PS + j], PS);
+            let a1 = coopLoadT<MA>(&p16[(i0 + CT) * PS + j], PS);
             t00 = coopMultiplyAdd(a0, b0, t00);
             t01 = coopMultiplyAdd(a0, b1, t01);
             t10 = coopMultiplyAdd(a1, b0, t10);
             t11 = coopMultiplyAdd(a1, b1, t11);
+            b0 = nb0;
+            b1 = nb1;
         }
-        workgroupBarrier(); // every tile of this round is read before any is written
-        coopStoreT(t00, d00, BVO);
-        coopStoreT(t01, d01, BVO);
-        coopStoreT(t10, d10, BVO);
-        coopStoreT(t11, d11, BVO);
+        if (direct) {
+            // 5. A whole chunk without a mask: every row is written, straight from the accumulators.
+            let ob = ((ch.x + i0) * HV + hv) * V + j0 + c0;
+            coopStoreT(P.scale * t00, &o[ob], HV * V);
+            coopStoreT(P.scale * t01, &o[ob + CT], HV * V);
+            coopStoreT(P.scale * t10, &o[ob + CT * HV * V], HV * V);
+            coopStoreT(P.scale * t11, &o[ob + CT * HV * V + CT], HV * V);
+        } else {
+            workgroupBarrier(); // every tile of this round is read before any is written
+            coopStoreT(t00, d00, BVO);
+            coopStoreT(t01, d01, BVO);
+            coopStoreT(t10, d10, BVO);
+            coopStoreT(t11, d11, BVO);
+        }
     }
-    workgroupBarrier();
 
-    // 5. The chunk's rows.
-    for (var e = lid; e < CH * BVO; e += MWG) {
-        let i = e / BVO;
-        if (i < ch.y) {
-            let row = ch.x + i;
-            o[(row * HV + hv) * V + j0 + e % BVO] = select(0.0, P.scale * pf[e], live(row));
+    // 5. Otherwise the chunk's rows through pf: rows past its end belong to the next chunk, masked
+    // rows are 0.
+    if (!direct) {
+        workgroupBarrier();
+        for (var e = lid; e < CH * BVO; e += MWG) {
+            let i = e / BVO;
+            if (i < ch.y) {
+                let row = ch.x + i;
+                o[(row * HV + hv) * V + j0 + e % BVO] = select(0.0, P.scale * pf[e], live(row));
+            }
         }
     }
 }
