@@ -182,8 +182,9 @@ fn per_key_gate_routes_to_recurrent() {
     assert_eq!(ops::plan(&p, e.gpu().caps()).unwrap(), ops::Plan::Recurrent);
 }
 
-/// `Auto` follows the measured crossover: the chunked passes are not yet faster than the recurrent
-/// kernel on any device measured (docs/PERF.md), so Auto runs the recurrent kernel at every length.
+/// `Auto` follows the measured crossover (docs/PERF.md, R59): chunked where its state walk runs on
+/// cooperative matrices and the longest sequence has at least `AUTO_CHUNKED_MIN_LEN` tokens, else
+/// recurrent; both give the reference's answer.
 #[test]
 fn auto_plan() {
     let e = engine();

@@ -105,7 +105,7 @@ fn preset(name: &str) -> Vec<Case> {
         // Where chunked overtakes recurrent (Algorithm::Auto's thresholds).
         for dt in [DType::BF16, DType::F32] {
             for b in [1, 4, 16] {
-                for t in [256, 1024, 4096] {
+                for t in [256, 512, 1024, 4096] {
                     for c in [Recurrent, Chunked { chunk: 64 }] {
                         v.push(f(Mode::Forward, b, t, dt, c));
                     }

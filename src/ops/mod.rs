@@ -91,10 +91,10 @@ pub enum Plan {
 /// Chunk size `Algorithm::Auto` uses when it picks the chunked algorithm.
 pub const AUTO_CHUNK: u32 = 64;
 /// Shortest longest-sequence at which `Algorithm::Auto` picks the chunked algorithm (where it runs
-/// on cooperative matrices). Measured on an H100, bf16 (docs/PERF.md, run R19): at B=1 recurrent
-/// wins at T=256 (0.16 against 0.26 ms) and chunked at T=1024 (0.54 against 0.85 ms); at B=4 they
-/// are even at T=256 and chunked wins from T=1024.
-pub const AUTO_CHUNKED_MIN_LEN: usize = 512;
+/// on cooperative matrices). Measured on an H100, bf16 (docs/PERF.md, run R59): chunked wins at every
+/// length of the sweep, T=256 included (B=1: 0.130 against 0.157 ms; B=4: 0.33 against 0.60 ms);
+/// shorter sequences were not measured and stay recurrent.
+pub const AUTO_CHUNKED_MIN_LEN: usize = 256;
 
 /// What the chunked algorithm cannot do for `p`, if anything.
 pub fn chunked_unsupported(p: &Problem) -> Option<String> {
@@ -107,8 +107,8 @@ pub fn chunked_unsupported(p: &Problem) -> Option<String> {
 /// state walk runs on cooperative matrices (f16/bf16 inputs, an adapter with f16 -> f32 tiles, the
 /// tiles fit) and the longest sequence has at least [`AUTO_CHUNKED_MIN_LEN`] tokens.
 ///
-/// Measured on an H100 (docs/PERF.md, 2026-11-22, run R19), bf16: chunked is 1.9x faster than the
-/// recurrent kernel at B=1 T=16384 and 1.2x at B=8 T=8192. Without cooperative matrices (f32
+/// Measured on an H100 (docs/PERF.md, run R59), bf16: chunked is 3.6x faster than the recurrent
+/// kernel at B=1 T=4096 and 2.1x at B=16 T=4096. Without cooperative matrices (f32
 /// inputs, the software driver) the chunked passes are slower at every length measured (f32 B=1
 /// T=16384: 12.7 against 10.7 ms), so Auto stays recurrent there.
 pub fn auto_chunked(p: &Problem, caps: &Caps) -> bool {
