@@ -128,13 +128,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let sbase = (n * HV + hv) * K * V;
     for (var e = lid; e < K * BV; e += WG) {
-        let at = sbase + s_off(e / BV, j0 + e % BV);
-        var x = 0.0;
-        if (r.z == 0u) {
-            x = carry[at];
-        } else if (HAS_DHT) {
-            x = decode(DHT_DT, dht[word_of(DHT_DT, at)], at);
-        }
+        let x = start_ds(sbase + s_off(e / BV, j0 + e % BV), r);
         wsm[e / 4u][e % 4u] = x;
     }
 

@@ -121,13 +121,7 @@ fn main(
     }
     let sbase = (n * HV + hv) * K * V;
     for (var e = lid; e < K * BV; e += MWG) {
-        let at = sbase + s_off(e / BV, j0 + e % BV);
-        var x = 0.0;
-        if (r.z == 0u) {
-            x = carry[at];
-        } else if (HAS_DHT) {
-            x = decode(DHT_DT, dht[word_of(DHT_DT, at)], at);
-        }
+        let x = start_ds(sbase + s_off(e / BV, j0 + e % BV), r);
         s32[e] = x;
     }
 

@@ -46,6 +46,7 @@ pub mod src {
     pub const CHUNK_BWD_LOCAL: &str = include_str!("../../wgsl/chunk_bwd_local.wgsl");
     pub const CHUNK_BWD_STATE: &str = include_str!("../../wgsl/chunk_bwd_state.wgsl");
     pub const CHUNK_BWD_STATE_MMA: &str = include_str!("../../wgsl/chunk_bwd_state_mma.wgsl");
+    pub const CHUNK_BWD_STATE_COMMON: &str = include_str!("../../wgsl/chunk_bwd_state_common.wgsl");
     pub const CHUNK_BWD_DQKWG: &str = include_str!("../../wgsl/chunk_bwd_dqkwg.wgsl");
     pub const CHUNK_BWD_WY: &str = include_str!("../../wgsl/chunk_bwd_wy.wgsl");
     pub const CHUNK_BWD_REDUCE: &str = include_str!("../../wgsl/chunk_bwd_reduce.wgsl");
@@ -347,6 +348,9 @@ pub fn assemble_mma(kernel: Kernel, reduce: Reduce, accum: Option<Accum>, tile: 
     }
     if kernel.chunk_bwd() {
         s.push_str(src::CHUNK_BWD_COMMON);
+    }
+    if matches!(kernel, Kernel::ChunkBwdState | Kernel::ChunkBwdStateMma) {
+        s.push_str(src::CHUNK_BWD_STATE_COMMON);
     }
     if matches!(kernel, Kernel::ChunkStateMma | Kernel::ChunkBwdStateMma) {
         s.push_str(src::CHUNK_MMA_STAGE);
