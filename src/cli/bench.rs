@@ -283,7 +283,9 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
         } else {
             None
         };
-        let slots: Vec<i64> = (0..d.b as i64).collect();
+        // Reversed, so B > 1 times the general path (each row reads its slot); one sequence is
+        // always a range of the pool, bound directly.
+        let slots: Vec<i64> = (0..d.b as i64).rev().collect();
         let upstream = if train {
             let mut rng = wgdelta::Rng::new(5);
             let n = d.b * d.t * d.hv * d.v;

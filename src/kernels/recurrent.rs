@@ -107,6 +107,10 @@ pub struct RecurrentSpec {
     pub use_slots: bool,
     /// Decode layout: state straight to registers, columns fastest for kv (see `COL_FAST`, `STAGE`).
     pub decode: bool,
+    /// With the kv decode layout a column's KT threads sit BV invocations apart; when all KT * BV
+    /// fit in the smallest subgroup the column sum is by shuffles, otherwise through workgroup
+    /// memory. See [`RecurrentSpec::col_subgroup`].
+    pub col_subgroup: bool,
     /// Save the state every this many tokens into the checkpoint binding (0: off).
     pub checkpoint: u32,
     /// The grid's y extent whenever it has more than one z layer: the device's
@@ -139,14 +143,21 @@ pub(crate) fn common_constants(p: &Problem, t: &Tiles) -> Vec<(&'static str, f64
 }
 
 impl RecurrentSpec {
+    /// Whether the kv decode layout of `tiles` can sum a column by subgroup shuffles on a device
+    /// with `caps`: its KT threads, BV invocations apart, all in the smallest subgroup.
+    pub fn col_subgroup(tiles: &Tiles, caps: &Caps) -> bool {
+        tiles.reduce == Reduce::Subgroup && caps.subgroup && tiles.kt * tiles.bv <= caps.subgroup_min
+    }
+
     /// The pipeline key for problem `p`.
     pub fn key(&self, p: &Problem) -> PipelineKey {
         let d = &p.dims;
         let t = &self.tiles;
         let b = |x: bool| if x { 1.0 } else { 0.0 };
         let col_fast = self.decode && p.state_layout == StateLayout::Kv;
-        // Columns-fastest spreads a column's threads over the workgroup: workgroup-memory reduction.
-        let reduce = if col_fast { Reduce::Workgroup } else { t.reduce };
+        // Columns-fastest spreads a column's threads over KT * BV invocations: shuffles only when
+        // those fit in one subgroup.
+        let reduce = if col_fast && !self.col_subgroup { Reduce::Workgroup } else { t.reduce };
         let stage = !self.decode;
         PipelineKey::new(
             Kernel::RecurrentFwd,
