@@ -141,8 +141,7 @@ fn pool_head_dims_and_gates() {
 }
 
 /// Consecutive slots (one sequence always) are bound as a range of the pool instead of read per
-/// row: the range's neighbours stay bit-identical and the result matches. Also the decode layout
-/// with a column's threads in one subgroup (KT * BV <= the subgroup size: shuffles, no barrier).
+/// row: the range's neighbours stay bit-identical and the result matches.
 #[test]
 fn pool_slot_ranges() {
     let e = engine();
@@ -151,18 +150,6 @@ fn pool_slot_ranges() {
     let mut c = case(1, 4, 1, 2, 32, 32, Options::default());
     c.cu_seqlens = Some(vec![0, 1, 3, 4]);
     run(e, &Scenario { case: c, pool_slots: 5, slots: vec![1, 2, 3] });
-    let sg = e.gpu().caps().subgroup_min;
-    if !e.gpu().caps().subgroup {
-        println!("[decode] no subgroups: the shuffle column sum of the decode layout is not run");
-        return;
-    }
-    // KT = 2 threads per column, BV columns with KT * BV = the subgroup size; K = 32 needs KR = 16.
-    let tiles = kernels::recurrent::Tiles { kt: 2, kr: 16, bv: sg / 2, reduce: kernels::Reduce::Subgroup };
-    let e = engine_with_tiles(Some(tiles), true);
-    for (opts, slots) in [(Options::default(), vec![0, 1]), (Options::mlx(), vec![4, 1])] {
-        let v = (sg / 2).max(16) as usize;
-        run(&e, &Scenario { case: case(2, 1, 1, 2, 32, v, opts), pool_slots: 5, slots });
-    }
 }
 
 /// Decode of more tokens than one dispatch runs (several segments, in place on the pool).

@@ -495,14 +495,16 @@ fn forced_tilings() {
 #[test]
 fn invalid_forced_tiling() {
     let wg = Reduce::Workgroup;
+    let sg = engine().gpu().caps().subgroup_min.max(1);
     let bad = [
         (Tiles { kt: 2, kr: 8, bv: 8, reduce: wg }, "KT*KR < K"),
         (Tiles { kt: 3, kr: 16, bv: 8, reduce: wg }, "KT not a power of two"),
         (Tiles { kt: 2, kr: 17, bv: 8, reduce: wg }, "KR above MAX_KR"),
         (Tiles { kt: 4, kr: 8, bv: 3, reduce: wg }, "BV does not divide V"),
         (Tiles { kt: 4, kr: 8, bv: 0, reduce: wg }, "BV = 0"),
+        // (Twice this device's smallest subgroup: 16 on the software driver, 64 on an H100.)
         (
-            Tiles { kt: 16, kr: 2, bv: 8, reduce: Reduce::Subgroup },
+            Tiles { kt: 2 * sg, kr: 32u32.div_ceil(2 * sg).max(1), bv: 1, reduce: Reduce::Subgroup },
             "subgroup reduction with KT above the subgroup size",
         ),
         (Tiles { kt: 64, kr: 1, bv: 8, reduce: wg }, "workgroup above 256 threads"),

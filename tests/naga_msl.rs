@@ -217,7 +217,6 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
                 store_state: store,
                 use_slots: slots,
                 decode: max_len <= 16,
-                col_subgroup: RecurrentSpec::col_subgroup(&tiles, &c),
                 checkpoint: if n % 3 == 1 { 64 } else { 0 },
                 max_y: c.max_workgroups_per_dim,
             };
@@ -225,8 +224,8 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
                 "K={k} V={v} {dt} {:?} {:?}/{:?} H={h} HV={hv} {src:?} store={store} slots={slots} varlen={varlen} len={max_len} KT={} KR={} BV={}",
                 gate, opts.gate_space, opts.state_layout, tiles.kt, tiles.kr, tiles.bv
             );
-            // A decode key of the kv layout reduces by shuffles only when a column's threads (KT * BV
-            // invocations apart) fit in one subgroup: it belongs to the variant it picked.
+            // A decode key of the kv layout reduces through workgroup memory whatever the device
+            // (its column's threads are spread over the workgroup): it belongs to that variant.
             let key = spec.key(&p);
             if key.reduce == reduce {
                 out.push((label, key));
@@ -242,7 +241,6 @@ fn recurrent_keys(reduce: Reduce) -> Vec<(String, PipelineKey)> {
             store_state: true,
             use_slots: false,
             decode: false,
-            col_subgroup: false,
             checkpoint: 0,
             max_y: c.max_workgroups_per_dim,
         };

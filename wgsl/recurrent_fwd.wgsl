@@ -54,8 +54,7 @@ override VARLEN: bool = false;
 // Decode layout (a few tokens): with COL_FAST consecutive threads take consecutive value columns
 // (r = lid / BV, c = lid % BV), so for the kv layout each thread's own state elements are read and
 // written coalesced straight from registers; STAGE = false then skips the staging tile (for vk the
-// default r-fast layout is already coalesced). A column's KT threads then sit BV invocations apart:
-// the column sum is by shuffles when KT * BV fit in one subgroup, else through workgroup memory.
+// default r-fast layout is already coalesced). The column reduction is by workgroup memory.
 override COL_FAST: bool = false;
 override STAGE: bool = true;
 // Save the state every CHECKPOINT tokens of each sequence into `ckpt` (0: off).

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// (`Settings::chunk_window_bytes`); each runs every case. Default: the engine's own.
     #[arg(long, value_delimiter = ',')]
     pub window_mib: Vec<u64>,
+    /// Run the preset's cases at these batch sizes instead of its own, separated by `,`.
+    #[arg(long, value_delimiter = ',')]
+    pub batch_sizes: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -153,6 +156,24 @@ fn parse_tiles(s: Option<&str>, caps: &wgdelta::Caps) -> wgdelta::Result<Vec<Opt
         .collect()
 }
 
+/// The cases of a preset at other batch sizes (each case once per size, duplicates dropped); `bs`
+/// empty keeps the preset's own.
+fn with_batch_sizes(cases: Vec<Case>, bs: &[usize]) -> Vec<Case> {
+    if bs.is_empty() {
+        return cases;
+    }
+    let mut out: Vec<Case> = Vec::new();
+    for c in cases {
+        for &b in bs {
+            let c = Case { b, ..c };
+            if !out.iter().any(|o| format!("{o:?}") == format!("{c:?}")) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 fn median(mut x: Vec<f64>) -> f64 {
     if x.is_empty() {
         return f64::NAN;
@@ -222,7 +243,7 @@ pub fn run(a: &BenchArgs) -> wgdelta::Result<()> {
             },
         );
         let plain = Engine::with_settings(gpu.clone(), settings);
-        for case in preset(&a.preset) {
+        for case in with_batch_sizes(preset(&a.preset), &a.batch_sizes) {
             if filter.is_some_and(|f| f != case.dtype) {
                 continue;
             }
@@ -404,7 +425,8 @@ fn print_row(r: &Row, d: Dims, bw: Option<f64>, peak: Option<f64>) {
         c.t,
         c.dtype.to_string(),
         format!("{:?}{}", c.algo, if c.deterministic { " det" } else { "" }),
-        r.gpu_ms.map(|g| format!("{g:.4}")).unwrap_or_else(|| "-".into()),
+        // Five significant digits for short calls too (decode: microseconds).
+        r.gpu_ms.map(|g| if g < 0.1 { format!("{g:.6}") } else { format!("{g:.4}") }).unwrap_or_else(|| "-".into()),
         r.wall_ms,
         r.latency_ms,
         toks / (t_ms * 1e-3) / 1e6,

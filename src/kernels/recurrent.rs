@@ -31,20 +31,30 @@ pub const TILE_MAX: u32 = 4096;
 pub const MAX_WG: u32 = 256;
 /// Sequences up to this many tokens use the decode layout and tilings (see [`Tiles::choose`]).
 pub const DECODE_MAX_LEN: usize = 16;
-/// Decode with at least this many (sequence, value head) pairs uses [`Tiles::decode_wide`].
-pub const DECODE_WIDE_MIN_HEADS: usize = 128;
+/// Decode with at least this many (sequence, value head) pairs uses [`Tiles::decode_wide`] (32
+/// columns per workgroup), fewer [`Tiles::choose`]'s decode tiles (16). On an H100 (docs/PERF.md,
+/// R64-R65, per call in a repeated graph): 4 to 64 pairs run fastest with 16 columns (B=2 of 32
+/// heads 4.55 us against 4.74), 96 pairs and more with 32 (B=3 5.46 against 6.16 us); one
+/// sequence of 32 heads is a tie (3.74 against 3.71 us).
+pub const DECODE_WIDE_MIN_HEADS: usize = 96;
 
 impl Tiles {
     /// Default tiling for head dims `k`, `v` on a device and the longest sequence `max_len`.
     ///
-    /// About 8 rows per thread; 16 value columns per workgroup for long sequences (the per-token
-    /// reduction chain dominates: more columns share its latency) and 8 for decode (a few tokens:
-    /// moving the state dominates, and more, smaller workgroups keep more loads in flight).
-    /// Measured on an H100 (docs/PERF.md): (KT, KR, BV) = (16, 8, 16) prefills T=1024 in 0.70 ms
-    /// against 0.96 ms for (16, 8, 8), which in turn decodes B=256 in 0.55 ms against 0.60-0.87 ms
-    /// for wider tiles. Subgroup reduction when a column's threads fit in the smallest subgroup.
+    /// Long sequences: about 8 rows per thread and 16 value columns per workgroup (the per-token
+    /// reduction chain dominates: more columns share its latency). Measured on an H100
+    /// (docs/PERF.md): (KT, KR, BV) = (16, 8, 16) prefills T=1024 in 0.70 ms against 0.96 ms for
+    /// (16, 8, 8). Decode (a few tokens, moving the state dominates): 16 rows per thread and 16
+    /// columns, (8, 16, 16) for K = 128: one sequence of 32 heads decodes in 3.74 us per call
+    /// against 4.38 us for (16, 8, 8) and 4.04 for (8, 16, 8) (R64); many sequences take
+    /// [`Tiles::decode_wide`]. Subgroup reduction when a column's threads fit in the smallest
+    /// subgroup.
     pub fn choose(k: usize, v: usize, max_len: usize, caps: &Caps) -> Tiles {
-        Self::fit(k, v, 8, if max_len <= DECODE_MAX_LEN { 8 } else { 16 }, caps)
+        if max_len <= DECODE_MAX_LEN {
+            Self::fit(k, v, 16, 16, caps)
+        } else {
+            Self::fit(k, v, 8, 16, caps)
+        }
     }
 
     /// About `rows` rows per thread and at most `bv` columns per workgroup, narrowed until the
@@ -73,11 +83,10 @@ impl Tiles {
         t
     }
 
-    /// Decode tiling for many sequences (the state traffic dominates): 16 rows per thread and 32
-    /// columns per workgroup, so the columns-fastest decode layout moves each state row as one
-    /// 128-byte segment. Measured on an H100: B=256 decodes in 0.40 ms (90% of the bandwidth floor)
-    /// against 0.66 ms with [`Tiles::choose`]'s; for one sequence the narrower tiles are faster
-    /// (7.4 us against 15 us), hence [`DECODE_WIDE_MIN_HEADS`].
+    /// Decode tiling (the state traffic dominates): 16 rows per thread and 32 columns per
+    /// workgroup, so the columns-fastest decode layout moves each state row as one 128-byte
+    /// segment. Measured on an H100: B=256 decodes in 0.40 ms (90% of the bandwidth floor) against
+    /// 0.66 ms with (16, 8, 8); see [`DECODE_WIDE_MIN_HEADS`].
     pub fn decode_wide(k: usize, v: usize, caps: &Caps) -> Tiles {
         Self::fit(k, v, 16, 32, caps)
     }
@@ -107,10 +116,6 @@ pub struct RecurrentSpec {
     pub use_slots: bool,
     /// Decode layout: state straight to registers, columns fastest for kv (see `COL_FAST`, `STAGE`).
     pub decode: bool,
-    /// With the kv decode layout a column's KT threads sit BV invocations apart; when all KT * BV
-    /// fit in the smallest subgroup the column sum is by shuffles, otherwise through workgroup
-    /// memory. See [`RecurrentSpec::col_subgroup`].
-    pub col_subgroup: bool,
     /// Save the state every this many tokens into the checkpoint binding (0: off).
     pub checkpoint: u32,
     /// The grid's y extent whenever it has more than one z layer: the device's
@@ -143,21 +148,14 @@ pub(crate) fn common_constants(p: &Problem, t: &Tiles) -> Vec<(&'static str, f64
 }
 
 impl RecurrentSpec {
-    /// Whether the kv decode layout of `tiles` can sum a column by subgroup shuffles on a device
-    /// with `caps`: its KT threads, BV invocations apart, all in the smallest subgroup.
-    pub fn col_subgroup(tiles: &Tiles, caps: &Caps) -> bool {
-        tiles.reduce == Reduce::Subgroup && caps.subgroup && tiles.kt * tiles.bv <= caps.subgroup_min
-    }
-
     /// The pipeline key for problem `p`.
     pub fn key(&self, p: &Problem) -> PipelineKey {
         let d = &p.dims;
         let t = &self.tiles;
         let b = |x: bool| if x { 1.0 } else { 0.0 };
         let col_fast = self.decode && p.state_layout == StateLayout::Kv;
-        // Columns-fastest spreads a column's threads over KT * BV invocations: shuffles only when
-        // those fit in one subgroup.
-        let reduce = if col_fast && !self.col_subgroup { Reduce::Workgroup } else { t.reduce };
+        // Columns-fastest spreads a column's threads over the workgroup: workgroup-memory reduction.
+        let reduce = if col_fast { Reduce::Workgroup } else { t.reduce };
         let stage = !self.decode;
         PipelineKey::new(
             Kernel::RecurrentFwd,

@@ -127,7 +127,6 @@ pub(crate) fn record(
             store_state: if last { io.store } else { true },
             use_slots: slots.is_some(),
             decode: p.seqs.max_len() <= DECODE_MAX_LEN,
-            col_subgroup: RecurrentSpec::col_subgroup(&tiles, &eng.gpu.caps),
             checkpoint: every,
             max_y: max,
         };
