@@ -296,8 +296,8 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
     assert!(ekd <= 2e-3, "{}: K ∘ decay as f16 off by {ekd:.2e}", c.label());
 
     // The cooperative-matrix output pass's f16 operands: q (made wherever the stages are recorded) and
-    // k (with that pass) as the inputs rounded to f16, and S, v_new as the walk's own f32 values
-    // rounded to f16.
+    // k^T (with that pass, plane 1 as [K][C]) as the inputs rounded to f16, and S, v_new as the walk's
+    // own f32 values rounded to f16.
     if let Some(qk16) = &s.qk16 {
         let f = |b: u16| half::f16::from_bits(b).to_f32();
         // (exact but for inputs below f16's normal range)
@@ -308,6 +308,7 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
                 for i in 0..ch {
                     for m in 0..kdim {
                         let at = ((lc * c.h + hk) * 2 * ch + i) * kdim + m;
+                        let at_k = ((lc * c.h + hk) * 2 * ch + ch) * kdim + m * ch + i;
                         let (wq, wk) = if i < len as usize {
                             let x = ((start as usize + i) * c.h + hk) * kdim + m;
                             (q[x], k[x])
@@ -315,7 +316,7 @@ fn check_stages(e: &Engine, c: &Case, chunk: u32) {
                             (0.0, 0.0)
                         };
                         assert!(
-                            ok(qk16[at], wq) && (!with_k || ok(qk16[at + ch * kdim], wk)),
+                            ok(qk16[at], wq) && (!with_k || ok(qk16[at_k], wk)),
                             "{}: q, k as f16 at chunk {lc} head {hk} ({i}, {m})",
                             c.label()
                         );

@@ -4,7 +4,7 @@
 //     dvn   = P^T do                  P_ij = scale exp(gc_i - gc_j) q_i . k_j  (j <= i < len)
 // Assembled after kernels::mma_header (f16 operands MA, MB; f32 accumulator MC; CT x CT tiles), for
 // f16/bf16 inputs (the operands' precision is that of FLA's bwd for those inputs), where the
-// recompute passes made the f16 operands: q and k in qk16 (chunk_pack16.wgsl; chunk_wu.wgsl with
+// recompute passes made the f16 operands: q and k^T in qk16 (chunk_pack16.wgsl; chunk_wu.wgsl with
 // OUT16), -w in plane 0 of wk16 (chunk_wu.wgsl, W16). Products accumulate in f32.
 //
 // Grid (HV, local chunks on y/z); the whole V per workgroup, so P is made once per chunk and head.

@@ -12,7 +12,7 @@
 //   h      [L, HV, K, V]   state at the start of the chunk (kv order)
 //   wk16   [L, HV, 2, C, K] f16, two to a u32 word: -w, then K ∘ exp(gc_last - gc) (rows i >= len
 //                          zero): the operands of chunk_state_mma.wgsl (chunk_wu.wgsl, W16)
-//   qk16   [L, H, 2, C, K]  f16: q, then k (rows i >= len zero), per key head  } OUT16: operands of
+//   qk16   [L, H, 2, C, K]  f16: q [C][K], then k^T [K][C] (rows i >= len zero)  } OUT16: operands of
 //   h16    [L, HV, K, V]    f16: h                                               } chunk_output_mma
 //   vn16   [L, HV, C, V]    f16: v_new                                           } .wgsl
 // Inputs keep their own layouts: q, k [rows, H, K], v [rows, HV, V], g, beta [rows, HV] (rows =
@@ -76,7 +76,7 @@ override KEEP_F32: bool = true;
 // SIMT output and local passes and the stage tests.
 override WV32: bool = true;
 // chunk_wu.wgsl writes the state walk's f16 operands wk16 (-w from its result, K ∘ exp(gc_last - gc)
-// from the keys it stages) and, with OUT16, k of qk16 (q of qk16: chunk_pack16.wgsl).
+// from the keys it stages) and, with OUT16, k^T of qk16 (q of qk16: chunk_pack16.wgsl).
 override W16: bool = false;
 
 // A is indexed by each chunk's state slot instead of its local index: the training forward writes it

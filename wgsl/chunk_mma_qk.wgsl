@@ -34,8 +34,8 @@ fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
     }
 }
 
-// P = Q K^T -> pf, for the q plane at qb of qk16 (k at qb + C K); a row tile and a pair of column
-// tiles per task (one A tile feeds two products). zt must hold zeros; sg, nsgu uniform per subgroup.
+// P = Q K^T -> pf, for the q plane at qb of qk16 (k^T, [K][C], at qb + C K); a row tile and a
+// pair of column tiles per task (one A tile feeds two products). zt must hold zeros; sg, nsgu uniform per subgroup.
 fn qk_to_pf(qb: u32, sg: u32, nsgu: u32) {
     let kb = qb + CH * K;
     let pt = CH / CT;
@@ -48,16 +48,17 @@ fn qk_to_pf(qb: u32, sg: u32, nsgu: u32) {
         let c0 = (t % (pt / 2u)) * 2u * CT;
         var p0 = coopLoadT<MC>(zp, CT);
         var p1 = coopLoadT<MC>(zp, CT);
-        // K^T: element (m, j) at k[j * K + m], i.e. column-major with stride K. The next step's
-        // tiles are loaded before this step's products (software pipelining).
+        // K^T: element (m, j) at kT[m * C + j], row-major (chunk_wu.wgsl writes it transposed: a
+        // column-major load from global memory is slower). The next step's tiles are loaded before
+        // this step's products (software pipelining).
         var a = coopLoadT<MA>(&qk16[qb + i0 * K], K);
-        var b0 = coopLoad<MB>(&qk16[kb + c0 * K], K);
-        var b1 = coopLoad<MB>(&qk16[kb + (c0 + CT) * K], K);
+        var b0 = coopLoadT<MB>(&qk16[kb + c0], CH);
+        var b1 = coopLoadT<MB>(&qk16[kb + c0 + CT], CH);
         for (var m0 = 0u; m0 < K; m0 += CT) {
             let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
             let na = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
-            let nb0 = coopLoad<MB>(&qk16[kb + c0 * K + mn], K);
-            let nb1 = coopLoad<MB>(&qk16[kb + (c0 + CT) * K + mn], K);
+            let nb0 = coopLoadT<MB>(&qk16[kb + mn * CH + c0], CH);
+            let nb1 = coopLoadT<MB>(&qk16[kb + mn * CH + c0 + CT], CH);
             p0 = coopMultiplyAdd(a, b0, p0);
             p1 = coopMultiplyAdd(a, b1, p1);
             a = na;

@@ -7,7 +7,8 @@
 // Operands come ready as f16 from the passes before (OUT16), and every tile is loaded straight from
 // global memory, so nothing is staged: a 16 x 16 tile is 16 rows of 32 bytes, and the tiles the
 // workgroup's subgroups share stay in cache.
-//   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl), then k (chunk_wu.wgsl); rows past the chunk's end 0
+//   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl), then k^T as [K][C] (chunk_wu.wgsl); rows past the
+//                         chunk's end 0
 //   h16  [slots, HV, K, V] S (chunk_state_mma.wgsl, slot as h_base)
 //   vn16 [L, HV, C, V]    v_new (chunk_state_mma.wgsl)
 // Output o [rows, HV, V] f32. Every product accumulates in f32.

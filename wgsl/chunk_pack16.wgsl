@@ -1,7 +1,7 @@
 // chunk_pack16.wgsl — q as f16 for the cooperative-matrix output pass (chunk_output_mma.wgsl), per
 // key head:
 //     qk16[lc, hk, 0][i, m] = q_i[m]        (0 for rows i >= len)
-// The rest of its f16 operands comes from the passes that have the values at hand: k of qk16 and the
+// The rest of its f16 operands comes from the passes that have the values at hand: k^T of qk16 and the
 // state walk's -w and K ∘ exp(gc_last - gc) from chunk_wu.wgsl (W16), S and v_new from
 // chunk_state_mma.wgsl (OUT16). Output qk16 [L, H, 2, C, K] (plane 0 here) as u32 words of two halves
 // (columns m, m + 1), rounded to nearest even by bit operations (prelude), so this pass needs no f16

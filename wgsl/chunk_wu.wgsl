@@ -5,9 +5,10 @@
 //     u[i, :] = sum_{j <= i} A_ij bm_j v_j                  [C x V]
 // (bm = beta with masked tokens zeroed; padded rows j >= len contribute nothing.)
 // Outputs w [L, HV, C, K], u [L, HV, C, V]; with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
-// (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k of qk16
-// [L, H, 2, C, K] (by the first value head of each key head), all f16 two to a word; w in f32 then
-// only with WV32. (A separate pass made them before, reading w and k per value head again.)
+// (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k^T of qk16
+// (plane 1 of [L, H, 2, C, K], as [K][C]; by the first value head of each key head), all f16 two
+// to a word; w in f32 then only with WV32. (A separate pass made them before, reading w and k per
+// value head again.)
 //
 // Grid: (HV * (K + V) / BD, local chunks on y/z): workgroup (hv, column tile) computes BD columns of
 // w (tiles below K) or of u, out[:, tile] = A X[:, tile] with X = (bm exp(gc)) ∘ K or bm ∘ V, as a
@@ -37,6 +38,11 @@ var<workgroup> la: array<vec4<f32>, 272>;   // slice of A, [jj][i / 4] at jj * C
 var<workgroup> rx: array<vec4<f32>, 272>;   // slice of X, [jj][c / 4] at jj * CP + c / 4
 var<workgroup> fs: array<f32, 64>;          // row factor of X: bm exp(gc) (w) or bm (u); 0 past len
 var<workgroup> fk: array<f32, 64>;          // exp(gc_last - gc) (W16); 0 past len
+// Two pairs of X per thread (BD = 64): thread lid holds rows 2 jb and 2 jb + 1 of one column pair, so
+// the k^T words of qk16 (two rows each) are made from registers; otherwise they are staged in kt.
+override NP2: bool = BS * BD == 4u * WG;
+override KTN: u32 = select(4u, BS * BD, OUT16 && !NP2);
+var<workgroup> kt: array<f32, KTN>;         // OUT16, !NP2: the slice's raw keys [jj][c] at jj * BD + c
 
 // Elements i and i + 1 (i even) of k or v: one word for f16/bf16. Loading X in pairs halves the
 // load instructions of the 16-bit inputs (H100, bf16: 0.194 -> 0.158 ms per window).
@@ -63,6 +69,19 @@ struct Slice {
     r: array<vec2<f32>, 2>,
 }
 
+// (row within the slice, first column) of a thread's pair slot e = lid + WG x. With NP2, slots e and
+// e + WG are the two rows of a 2 x 2 block; otherwise slots run row by row, and BD = 16 (fewer pairs
+// than threads) repeats the last pair in the surplus threads, which load and store the same values
+// again: the count stays fixed and the loops free of branches.
+fn pair_at(e: u32) -> vec2<u32> {
+    if (NP2) {
+        let b = e % WG;
+        return vec2<u32>(2u * (b / (BD / 2u)) + e / WG, 2u * (b % (BD / 2u)));
+    }
+    let x = min(e, BS * BD / 2u - 1u);
+    return vec2<u32>(x / (BD / 2u), 2u * (x % (BD / 2u)));
+}
+
 // Slice j0: columns j0 .. j0 + BS of A, rows j0 .. j0 + BS of K or V (rows past the chunk's end 0).
 // ha: the chunk's first row in `a` (a_rows).
 fn fetch(j0: u32, lid: u32, ch: vec3<u32>, ha: u32, is_w: bool, hk: u32, hv: u32, d0: u32) -> Slice {
@@ -71,12 +90,10 @@ fn fetch(j0: u32, lid: u32, ch: vec3<u32>, ha: u32, is_w: bool, hk: u32, hv: u32
         f.l = a[((ha + lid / 4u) * CH + j0) / 4u + lid % 4u];
     }
     for (var x = 0u; x < (BS * BD / 2u + WG - 1u) / WG; x++) {
-        // BD = 16 has fewer pairs than threads: the surplus threads load the last pair again and
-        // store the same values, which keeps the count fixed and the loop free of branches.
-        let e = min(lid + WG * x, BS * BD / 2u - 1u);
-        let j = j0 + e / (BD / 2u);
+        let pc = pair_at(lid + WG * x);
+        let j = j0 + pc.x;
         let row = ch.x + min(j, ch.y - 1u);
-        let c = 2u * (e % (BD / 2u));
+        let c = pc.y;
         var val: vec2<f32>;
         if (is_w) {
             val = ld2(true, (row * H + hk) * K + d0 + c);
@@ -135,9 +152,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             la[(jq + 3u) * CP + i / 4u][i % 4u] = nx.l.w;
         }
         for (var x = 0u; x < (BS * BD / 2u + WG - 1u) / WG; x++) {
-            let e = min(lid + WG * x, BS * BD / 2u - 1u);
-            let jj = e / (BD / 2u);
-            let c = 2u * (e % (BD / 2u));
+            let pc = pair_at(lid + WG * x);
+            let jj = pc.x;
+            let c = pc.y;
             let f = fs[j0 + jj];
             rx[jj * CP + c / 4u][c % 4u] = f * nx.r[x].x;
             rx[jj * CP + c / 4u][c % 4u + 1u] = f * nx.r[x].y;
@@ -146,13 +163,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let j = j0 + jj;
                 let fkj = fk[j];
                 wk16[hb * K + (CH * K + j * K + d0 + c) / 2u] = pack_halves(fkj * nx.r[x].x, fkj * nx.r[x].y);
-                if (OUT16 && hv % GROUP == 0u) {
-                    qk16[((lc * H + hk) * 2u * CH + CH + j) * (K / 2u) + (d0 + c) / 2u] =
-                        pack_halves(nx.r[x].x, nx.r[x].y);
+                if (OUT16 && !NP2 && hv % GROUP == 0u) {
+                    kt[jj * BD + c] = nx.r[x].x;
+                    kt[jj * BD + c + 1u] = nx.r[x].y;
                 }
             }
         }
+        // k^T of qk16: element (m, j) of the plane at m * C + j, two rows to a word, so the output
+        // pass loads K^T tiles row-major (a column-major load from global memory cost 0.4 ms of its
+        // 4.6 at B=8 T=8192 on the H100, docs/PERF.md R60).
+        let base = ((lc * H + hk) * 2u * CH + CH) * (K / 2u);
+        if (W16 && OUT16 && NP2 && is_w && hv % GROUP == 0u) {
+            let pc = pair_at(lid); // rows pc.x, pc.x + 1 in nx.r[0], nx.r[1]
+            let at = base + ((d0 + pc.y) * CH + j0 + pc.x) / 2u;
+            qk16[at] = pack_halves(nx.r[0].x, nx.r[1].x);
+            qk16[at + CH / 2u] = pack_halves(nx.r[0].y, nx.r[1].y);
+        }
         workgroupBarrier();
+        if (W16 && OUT16 && !NP2 && is_w && hv % GROUP == 0u) {
+            for (var e = lid; e < BD * BS / 2u; e += WG) {
+                let c = e / (BS / 2u);
+                let jj = 2u * (e % (BS / 2u));
+                qk16[base + ((d0 + c) * CH + j0 + jj) / 2u] = pack_halves(kt[jj * BD + c], kt[(jj + 1u) * BD + c]);
+            }
+        }
         if (j0 + BS < CH) {
             nx = fetch(j0 + BS, lid, ch, ha, is_w, hk, hv, d0);
         }
