@@ -80,7 +80,7 @@ pub(crate) fn record(
     // trip less per decode call (the slot and the state it names were two).
     let slot_bytes = (d.hv * d.k * d.v * 4) as u64;
     let (slots, pool_range) = match io.slots {
-        Some(s) if consecutive(s) && slot_bytes % 256 == 0 => {
+        Some(s) if consecutive(s) && slot_bytes.is_multiple_of(256) => {
             (None, Some((s[0] as u64 * slot_bytes, n as u64 * slot_bytes)))
         }
         other => (other, None),
