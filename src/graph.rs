@@ -25,6 +25,40 @@ pub struct Scratch {
 pub struct Pool {
     free: Mutex<Vec<Scratch>>,
     live_bytes: Mutex<(u64, u64)>, // (now, peak) bytes held by the pool, free or taken
+    uploads: Mutex<Uploads>,
+}
+
+/// Small uploads (uniform parameters, index tables) packed at 256-byte offsets into one shared
+/// buffer and written to the queue once per submission, not once each: every queue write
+/// allocates a staging buffer on the host, which was a third of a decode call's recording time
+/// (docs/PERF.md R70). Offsets only grow, so nothing a recorded call reads is overwritten. A full
+/// buffer is flushed and let go, never reused: a call on another thread may have its data in it
+/// and not be submitted yet (its bind group keeps the buffer alive until the GPU is done with it).
+#[derive(Default)]
+struct Uploads {
+    /// The buffer being filled, the bytes put in it so far, and how many of them are written.
+    chunk: Option<(wgpu::Buffer, Vec<u8>, usize)>,
+}
+
+/// Size of a shared upload buffer; larger uploads get a buffer of their own.
+const UPLOAD_CHUNK: usize = 64 << 10;
+const UPLOAD_MAX: usize = 16 << 10;
+/// Uniform and storage bindings may start at any multiple of this (the largest alignment WebGPU
+/// allows a device to ask for).
+pub const BIND_ALIGN: usize = 256;
+const UPLOAD_USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::UNIFORM.union(wgpu::BufferUsages::STORAGE).union(wgpu::BufferUsages::COPY_DST);
+
+impl Uploads {
+    /// Writes the bytes not yet written to the queue (they land before the next submission).
+    fn flush(&mut self, queue: &wgpu::Queue) {
+        if let Some((s, host, done)) = self.chunk.as_mut() {
+            if *done < host.len() {
+                queue.write_buffer(s, *done as u64, &host[*done..]);
+                *done = host.len();
+            }
+        }
+    }
 }
 
 impl Pool {
@@ -46,11 +80,16 @@ impl Pool {
                 mapped_at_creation: false,
             })
         })?;
+        self.count(size as i64);
+        Ok(Scratch { buffer, usage })
+    }
+
+    /// Adds `bytes` (or takes them away) to the bytes held, keeping the peak.
+    fn count(&self, bytes: i64) {
         if let Ok(mut l) = self.live_bytes.lock() {
-            l.0 += size;
+            l.0 = l.0.saturating_add_signed(bytes);
             l.1 = l.1.max(l.0);
         }
-        Ok(Scratch { buffer, usage })
     }
 
     fn give_back(&self, s: Vec<Scratch>) {
@@ -59,10 +98,14 @@ impl Pool {
         }
     }
 
-    /// Bytes the pool holds now and at most so far.
+    /// Bytes the pool holds now and at most so far (with the upload buffer being filled).
     pub fn bytes(&self) -> (u64, u64) {
         self.live_bytes.lock().map(|l| *l).unwrap_or((0, 0))
     }
+}
+
+fn lock_poisoned() -> Error {
+    Error::Device { context: "upload buffer".into(), message: "a thread panicked while holding its lock".into() }
 }
 
 /// GPU time of one pass, from timestamp queries.
@@ -97,6 +140,43 @@ impl<'a> PassGraph<'a> {
         let b = s.buffer.clone();
         self.scratch.push(s);
         Ok(b)
+    }
+
+    /// `data` for reading (a uniform or read-only storage binding): a range of the shared upload
+    /// buffer ([`Uploads`]), or a buffer of its own when large. Returns the buffer and the offset
+    /// (a multiple of [`BIND_ALIGN`]); the bytes after `data` up to the next multiple of 4 are 0.
+    pub fn upload(&mut self, label: &str, data: &[u8]) -> Result<(wgpu::Buffer, u64)> {
+        if data.len() > UPLOAD_MAX {
+            return Ok((self.scratch_with(label, data, UPLOAD_USAGE)?, 0));
+        }
+        let mut up = self.pool.uploads.lock().map_err(|_| lock_poisoned())?;
+        let len = data.len().div_ceil(4) * 4;
+        let fits = |host: &Vec<u8>| host.len().next_multiple_of(BIND_ALIGN) + len <= UPLOAD_CHUNK;
+        if !up.chunk.as_ref().is_some_and(|(_, host, _)| fits(host)) {
+            up.flush(&self.gpu.queue);
+            // (Counted with the pool's scratch while it is the one being filled.)
+            let size = UPLOAD_CHUNK as u64;
+            if up.chunk.take().is_some() {
+                self.pool.count(-(size as i64));
+            }
+            let gpu = self.gpu;
+            let b = gpu.scoped("wgdelta.uploads", || {
+                gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgdelta.uploads"),
+                    size,
+                    usage: UPLOAD_USAGE,
+                    mapped_at_creation: false,
+                })
+            })?;
+            up.chunk = Some((b, Vec::with_capacity(UPLOAD_CHUNK), 0));
+            self.pool.count(size as i64);
+        }
+        let (b, host, _) = up.chunk.as_mut().expect("a chunk with room");
+        let at = host.len().next_multiple_of(BIND_ALIGN);
+        host.resize(at, 0);
+        host.extend_from_slice(data);
+        host.resize(at + len, 0);
+        Ok((b.clone(), at as u64))
     }
 
     /// A scratch buffer filled with `data` (uniform parameters, index tables).
@@ -301,6 +381,9 @@ impl<'a> PassGraph<'a> {
             }
             enc.finish()
         })?;
+        if let Ok(mut up) = self.pool.uploads.lock() {
+            up.flush(&gpu.queue);
+        }
         gpu.scoped("wgdelta.submit", || gpu.queue.submit([encoded]))?;
         self.pool.give_back(self.scratch);
         Ok(queries.map(|(_, resolve, size)| PendingTimes { labels, resolve, size }))

@@ -152,6 +152,44 @@ fn pool_slot_ranges() {
     run(e, &Scenario { case: c, pool_slots: 5, slots: vec![1, 2, 3] });
 }
 
+/// Many calls in one batch share the upload buffer of small parameters and tables (several of its
+/// 64 KiB buffers fill up): each call keeps its own scale and slots, so the batched outputs and
+/// pool equal the unbatched ones bit for bit.
+#[test]
+fn batch_of_many_calls_keeps_each_calls_uploads() {
+    let e = engine();
+    let steps = 300;
+    let c = case(2, steps, 1, 2, 16, 16, Options::default());
+    let s = Scenario { case: c.clone(), pool_slots: 4, slots: vec![3, 1] };
+    let pool_h = s.pool();
+    let d = s.data(&pool_h);
+    let per_step: Vec<[Tensor; 5]> = (0..steps)
+        .map(|step| {
+            let up = |name: &str, x: &HostTensor| e.upload(name, &slice_tokens(x, step, step + 1)).unwrap();
+            [up("q", &d.q), up("k", &d.k), up("v", &d.v), up("g", &d.g), up("beta", &d.beta)]
+        })
+        .collect();
+    let slots = [vec![3, 1], vec![0, 2], vec![2, 3]];
+    let run_all = |pool: &Tensor| -> Result<Vec<Tensor>> {
+        (0..steps)
+            .map(|i| {
+                let st = &per_step[i];
+                let opts = Options { scale: Some(0.25 + 0.001 * i as f32), ..c.opts };
+                e.decode(&Inputs::new(&st[0], &st[1], &st[2], &st[3], &st[4]), pool, &slots[i % 3], &opts)
+            })
+            .collect()
+    };
+    let pool_a = e.upload("pool", &pool_h).unwrap();
+    let outs_a = run_all(&pool_a).unwrap();
+    let pool_b = e.upload("pool", &pool_h).unwrap();
+    let outs_b = e.batch(|| run_all(&pool_b)).unwrap();
+    for (i, (a, b)) in outs_a.iter().zip(&outs_b).enumerate() {
+        assert!(e.download(a).unwrap().bytes == e.download(b).unwrap().bytes, "call {i}: batched o differs");
+    }
+    assert!(e.download(&pool_a).unwrap().bytes == e.download(&pool_b).unwrap().bytes, "batched pool differs");
+    println!("[decode] {steps} calls in one batch equal the unbatched calls");
+}
+
 /// Decode of more tokens than one dispatch runs (several segments, in place on the pool).
 #[test]
 fn pool_segments() {

@@ -3,7 +3,7 @@
 use super::{Inputs, Outputs};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::graph::{whole, PassGraph};
+use crate::graph::{whole, PassGraph, BIND_ALIGN};
 use crate::kernels::recurrent::{Params, RecurrentSpec, StateSrc, Tiles, DECODE_MAX_LEN, DECODE_WIDE_MIN_HEADS};
 use crate::problem::Problem;
 use crate::tensor::{padded, Tensor};
@@ -70,10 +70,6 @@ pub(crate) fn record_info(
     Ok((meta, seq_off, mask_off))
 }
 
-/// Uniform and storage bindings may start at any multiple of this (the largest alignment WebGPU
-/// allows a device to ask for).
-const BIND_ALIGN: usize = 256;
-
 /// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
 pub(crate) fn record(
     eng: &Engine,
@@ -119,8 +115,7 @@ pub(crate) fn record(
     };
     let h0 = io.h0.unwrap_or(&eng.dummy_read);
     let (ckpt, every, ck_blocks) = io.ckpt.unwrap_or((&eng.dummy_write, 0, 0));
-    // Every segment's parameters and the info table in one buffer and one upload (a decode call
-    // records one write instead of two: each write allocates a staging buffer on the host).
+    // Every segment's parameters and the info table in one upload (`PassGraph::upload`).
     let params = |s: usize| Params {
         n_seqs: n as u32,
         seq_off,
@@ -138,13 +133,13 @@ pub(crate) fn record(
         bytes[s * BIND_ALIGN..s * BIND_ALIGN + psize].copy_from_slice(bytemuck::bytes_of(&params(s)));
     }
     bytes.extend_from_slice(bytemuck::cast_slice(&words));
-    let up = graph.scratch_with("wgdelta.params", &bytes, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE)?;
+    let (up, base) = graph.upload("wgdelta.params", &bytes)?;
     if let Some(m) = x.mask {
-        graph.copy(&m.buffer, 0, &up, (info_at + mask_off as usize * 4) as u64, mask_bytes);
+        graph.copy(&m.buffer, 0, &up, base + (info_at + mask_off as usize * 4) as u64, mask_bytes);
     }
     let range = |offset: usize, size: usize| wgpu::BufferBinding {
         buffer: &up,
-        offset: offset as u64,
+        offset: base + offset as u64,
         size: std::num::NonZeroU64::new(size as u64),
     };
     for s in 0..n_seg {
