@@ -152,6 +152,16 @@ fn pool_slot_ranges() {
     run(e, &Scenario { case: c, pool_slots: 5, slots: vec![1, 2, 3] });
 }
 
+/// q, k, v, g, beta of each of the first `t` tokens of `d`, uploaded as one-token tensors.
+fn token_inputs(e: &Engine, d: &CaseData, t: usize) -> Vec<[Tensor; 5]> {
+    (0..t)
+        .map(|step| {
+            let up = |name: &str, x: &HostTensor| e.upload(name, &slice_tokens(x, step, step + 1)).unwrap();
+            [up("q", &d.q), up("k", &d.k), up("v", &d.v), up("g", &d.g), up("beta", &d.beta)]
+        })
+        .collect()
+}
+
 /// Many calls in one batch share the upload buffer of small parameters and tables (several of its
 /// 64 KiB buffers fill up): each call keeps its own scale and slots, so the batched outputs and
 /// pool equal the unbatched ones bit for bit.
@@ -163,12 +173,7 @@ fn batch_of_many_calls_keeps_each_calls_uploads() {
     let s = Scenario { case: c.clone(), pool_slots: 4, slots: vec![3, 1] };
     let pool_h = s.pool();
     let d = s.data(&pool_h);
-    let per_step: Vec<[Tensor; 5]> = (0..steps)
-        .map(|step| {
-            let up = |name: &str, x: &HostTensor| e.upload(name, &slice_tokens(x, step, step + 1)).unwrap();
-            [up("q", &d.q), up("k", &d.k), up("v", &d.v), up("g", &d.g), up("beta", &d.beta)]
-        })
-        .collect();
+    let per_step = token_inputs(e, &d, steps);
     let slots = [vec![3, 1], vec![0, 2], vec![2, 3]];
     let run_all = |pool: &Tensor| -> Result<Vec<Tensor>> {
         (0..steps)
@@ -381,12 +386,7 @@ fn batch_equals_unbatched() {
     let s = Scenario { case: c.clone(), pool_slots: 4, slots: vec![3, 1] };
     let pool_h = s.pool();
     let d = s.data(&pool_h);
-    let steps: Vec<[Tensor; 5]> = (0..t)
-        .map(|step| {
-            let up = |name: &str, x: &HostTensor| e.upload(name, &slice_tokens(x, step, step + 1)).unwrap();
-            [up("q", &d.q), up("k", &d.k), up("v", &d.v), up("g", &d.g), up("beta", &d.beta)]
-        })
-        .collect();
+    let steps = token_inputs(&e, &d, t);
     fn inputs(st: &[Tensor; 5]) -> Inputs<'_> {
         Inputs::new(&st[0], &st[1], &st[2], &st[3], &st[4])
     }
