@@ -40,6 +40,21 @@ struct Uploads {
     chunk: Option<(wgpu::Buffer, Vec<u8>, usize)>,
 }
 
+/// A range of a buffer holding uploaded data ([`PassGraph::upload`]).
+#[derive(Clone, Debug)]
+pub struct Upload {
+    pub buffer: wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl Upload {
+    /// The range as a binding.
+    pub fn binding(&self) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding { buffer: &self.buffer, offset: self.offset, size: std::num::NonZeroU64::new(self.size) }
+    }
+}
+
 /// Size of a shared upload buffer; larger uploads get a buffer of their own.
 const UPLOAD_CHUNK: usize = 64 << 10;
 const UPLOAD_MAX: usize = 16 << 10;
@@ -143,14 +158,15 @@ impl<'a> PassGraph<'a> {
     }
 
     /// `data` for reading (a uniform or read-only storage binding): a range of the shared upload
-    /// buffer ([`Uploads`]), or a buffer of its own when large. Returns the buffer and the offset
-    /// (a multiple of [`BIND_ALIGN`]); the bytes after `data` up to the next multiple of 4 are 0.
-    pub fn upload(&mut self, label: &str, data: &[u8]) -> Result<(wgpu::Buffer, u64)> {
+    /// buffer ([`Uploads`]), or a buffer of its own when large. The range starts at a multiple of
+    /// [`BIND_ALIGN`] and is `data` padded with zeros to a multiple of 4 bytes.
+    pub fn upload(&mut self, label: &str, data: &[u8]) -> Result<Upload> {
+        let len = data.len().div_ceil(4).max(1) * 4;
         if data.len() > UPLOAD_MAX {
-            return Ok((self.scratch_with(label, data, UPLOAD_USAGE)?, 0));
+            let buffer = self.scratch_with(label, data, UPLOAD_USAGE)?;
+            return Ok(Upload { buffer, offset: 0, size: len as u64 });
         }
         let mut up = self.pool.uploads.lock().map_err(|_| lock_poisoned())?;
-        let len = data.len().div_ceil(4) * 4;
         let fits = |host: &Vec<u8>| host.len().next_multiple_of(BIND_ALIGN) + len <= UPLOAD_CHUNK;
         if !up.chunk.as_ref().is_some_and(|(_, host, _)| fits(host)) {
             up.flush(&self.gpu.queue);
@@ -176,7 +192,7 @@ impl<'a> PassGraph<'a> {
         host.resize(at, 0);
         host.extend_from_slice(data);
         host.resize(at + len, 0);
-        Ok((b.clone(), at as u64))
+        Ok(Upload { buffer: b.clone(), offset: at as u64, size: len as u64 })
     }
 
     /// A scratch buffer filled with `data` (uniform parameters, index tables).

@@ -54,7 +54,7 @@ pub struct BenchArgs {
     pub batch_sizes: Vec<usize>,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     /// Forward with h0 in and ht out.
     Forward,
@@ -64,7 +64,7 @@ enum Mode {
     Train,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Case {
     mode: Mode,
     b: usize,
@@ -166,7 +166,7 @@ fn with_batch_sizes(cases: Vec<Case>, bs: &[usize]) -> Vec<Case> {
     for c in cases {
         for &b in bs {
             let c = Case { b, ..c };
-            if !out.iter().any(|o| format!("{o:?}") == format!("{c:?}")) {
+            if !out.contains(&c) {
                 out.push(c);
             }
         }
@@ -343,7 +343,7 @@ fn bench_case(timed: &Engine, plain: &Engine, d: Dims, c: Case, a: &BenchArgs) -
         // Warm up: the first call compiles the pipelines (seconds on a cold start, while the GPU idles);
         // then run the GPU long enough (>= 0.3 s of calls) that its clocks settle. The first case of
         // a run used to count the compilation into the 0.3 s, and its GPU timestamps came out up to
-        // 5x its wall time on the H100 (docs/PERF.md R62); this warm-up is not yet re-measured there.
+        // 5x its wall time on the H100 (docs/PERF.md R62); with this warm-up they match (R63-R71).
         call()?;
         eng.sync()?;
         let t0 = Instant::now();

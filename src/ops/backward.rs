@@ -6,6 +6,7 @@ use super::recurrent::record_info;
 use super::{Inputs, Outputs, Plan};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::graph::whole;
 use crate::kernels::backward::{reduce_partials_key, BackwardSpec, Params, ReduceParams, REDUCE_WG};
 use crate::kernels::Accum;
 use crate::problem::{Algorithm, DType, GateKind, InputsMeta, Options, Problem};
@@ -333,25 +334,24 @@ impl Engine {
                 dbeta_off: dbeta_off as u32,
                 _pad: [0; 2],
             };
-            let ubuf =
-                graph.scratch_with("wgdelta.bwd.params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM)?;
+            let ubuf = graph.upload("wgdelta.bwd.params", bytemuck::bytes_of(&params))?;
             let s = &saved;
-            graph.dispatch(
+            graph.dispatch_ranges(
                 &key,
                 &[
-                    &ubuf,
-                    &s.q.buffer,
-                    &s.k.buffer,
-                    &s.v.buffer,
-                    &s.g.buffer,
-                    &s.beta.buffer,
-                    &info,
-                    &d_o.buffer,
-                    dht_buf,
-                    &s.checkpoints.buffer,
-                    &dv.buffer,
-                    &work,
-                    &acc,
+                    ubuf.binding(),
+                    whole(&s.q.buffer),
+                    whole(&s.k.buffer),
+                    whole(&s.v.buffer),
+                    whole(&s.g.buffer),
+                    whole(&s.beta.buffer),
+                    info.binding(),
+                    whole(&d_o.buffer),
+                    whole(dht_buf),
+                    whole(&s.checkpoints.buffer),
+                    whole(&dv.buffer),
+                    whole(&work),
+                    whole(&acc),
                 ],
                 [v_tiles * d.hv as u32, gy, gz],
             )?;
@@ -364,14 +364,14 @@ impl Engine {
         for (t, off, slices, len) in regions.into_iter().chain([(&dbeta, dbeta_off, hv_slices, b_len)]) {
             if accum == Accum::Deterministic {
                 let rp = ReduceParams { len: len as u32, slices: slices as u32, off: off as u32, _pad: 0 };
-                let ubuf = graph.scratch_with(
-                    "wgdelta.reduce.params",
-                    bytemuck::bytes_of(&rp),
-                    wgpu::BufferUsages::UNIFORM,
-                )?;
+                let ubuf = graph.upload("wgdelta.reduce.params", bytemuck::bytes_of(&rp))?;
                 let groups = (len as u32).div_ceil(REDUCE_WG);
                 let gx = groups.clamp(1, max);
-                graph.dispatch(&reduce_partials_key(), &[&ubuf, &acc, &t.buffer], [gx, groups.div_ceil(gx), 1])?;
+                graph.dispatch_ranges(
+                    &reduce_partials_key(),
+                    &[ubuf.binding(), whole(&acc), whole(&t.buffer)],
+                    [gx, groups.div_ceil(gx), 1],
+                )?;
             } else {
                 graph.copy(&acc, 4 * off, &t.buffer, 0, 4 * len);
             }

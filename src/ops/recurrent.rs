@@ -3,7 +3,7 @@
 use super::{Inputs, Outputs};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::graph::{whole, PassGraph, BIND_ALIGN};
+use crate::graph::{whole, PassGraph, Upload, BIND_ALIGN};
 use crate::kernels::recurrent::{Params, RecurrentSpec, StateSrc, Tiles, DECODE_MAX_LEN, DECODE_WIDE_MIN_HEADS};
 use crate::problem::Problem;
 use crate::tensor::{padded, Tensor};
@@ -40,34 +40,27 @@ impl Engine {
     }
 }
 
-/// The `info` table the recurrent kernels read: `slots` [N] | seq offsets [N+1] | mask bytes (zeros
-/// here, copied on the device from the mask tensor). Slots come first so the decode kernel reads slot
-/// n at `info[n]`, an address that needs no uniform read first. Returns the words, the seq offsets'
-/// offset (0 without slots), the mask offset (in words) and the mask's bytes.
-fn info_words(p: &Problem, mask: Option<&Tensor>, slots: Option<&[u32]>) -> (Vec<u32>, u32, u32, u64) {
+/// Records the `info` table the recurrent kernels read: `slots` [N] | seq offsets [N+1] | mask bytes
+/// (copied on the device from the mask tensor). Slots come first so the decode kernel reads slot n
+/// at `info[n]`, an address that needs no uniform read first. Returns the uploaded table, the seq
+/// offsets' offset (0 without slots) and the mask offset, in words.
+pub(crate) fn record_info(
+    graph: &mut PassGraph,
+    p: &Problem,
+    mask: Option<&Tensor>,
+    slots: Option<&[u32]>,
+) -> Result<(Upload, u32, u32)> {
     let mut words: Vec<u32> = slots.map(<[u32]>::to_vec).unwrap_or_default();
     let seq_off = words.len() as u32;
     words.extend_from_slice(&p.seqs.offsets);
     let mask_off = words.len() as u32;
     let mask_bytes = mask.map(|m| padded(m.byte_len())).unwrap_or(0);
     words.resize(words.len() + (mask_bytes / 4) as usize, 0);
-    (words, seq_off, mask_off, mask_bytes)
-}
-
-/// Records the `info` table ([`info_words`]) in a buffer of its own. Returns the buffer, the seq
-/// offsets' offset and the mask offset, in words.
-pub(crate) fn record_info(
-    graph: &mut PassGraph,
-    p: &Problem,
-    mask: Option<&Tensor>,
-    slots: Option<&[u32]>,
-) -> Result<(wgpu::Buffer, u32, u32)> {
-    let (words, seq_off, mask_off, mask_bytes) = info_words(p, mask, slots);
-    let meta = graph.scratch_with("wgdelta.meta", bytemuck::cast_slice(&words), wgpu::BufferUsages::STORAGE)?;
+    let info = graph.upload("wgdelta.meta", bytemuck::cast_slice(&words))?;
     if let Some(m) = mask {
-        graph.copy(&m.buffer, 0, &meta, mask_off as u64 * 4, mask_bytes);
+        graph.copy(&m.buffer, 0, &info.buffer, info.offset + mask_off as u64 * 4, mask_bytes);
     }
-    Ok((meta, seq_off, mask_off))
+    Ok((info, seq_off, mask_off))
 }
 
 /// Records the recurrent pass of `p` into `graph`, writing `o` and, per `io`, the state.
@@ -87,12 +80,12 @@ pub(crate) fn record(
     // trip less per decode call (the slot and the state it names were two).
     let slot_bytes = (d.hv * d.k * d.v * 4) as u64;
     let (slots, pool_range) = match io.slots {
-        Some(s) if consecutive(s) && slot_bytes.is_multiple_of(256) => {
+        Some(s) if consecutive(s) && slot_bytes.is_multiple_of(BIND_ALIGN as u64) => {
             (None, Some((s[0] as u64 * slot_bytes, n as u64 * slot_bytes)))
         }
         other => (other, None),
     };
-    let (words, seq_off, mask_off, mask_bytes) = info_words(p, x.mask, slots);
+    let (info, seq_off, mask_off) = record_info(graph, p, x.mask, slots)?;
 
     // Sequence n = wid.y + wid.z * max: y takes all sequences up to the grid limit (so with z = 1
     // every workgroup is a sequence), z the rest. The kernel knows `max` as the override MAX_Y.
@@ -115,35 +108,19 @@ pub(crate) fn record(
     };
     let h0 = io.h0.unwrap_or(&eng.dummy_read);
     let (ckpt, every, ck_blocks) = io.ckpt.unwrap_or((&eng.dummy_write, 0, 0));
-    // Every segment's parameters and the info table in one upload (`PassGraph::upload`).
-    let params = |s: usize| Params {
-        n_seqs: n as u32,
-        seq_off,
-        mask_off,
-        scale: p.scale,
-        t: d.t as u32,
-        seg_start: (s * seg) as u32,
-        seg_len: seg as u32,
-        ck_blocks,
-    };
-    let psize = std::mem::size_of::<Params>();
-    let info_at = n_seg * BIND_ALIGN;
-    let mut bytes = vec![0u8; info_at];
-    for s in 0..n_seg {
-        bytes[s * BIND_ALIGN..s * BIND_ALIGN + psize].copy_from_slice(bytemuck::bytes_of(&params(s)));
-    }
-    bytes.extend_from_slice(bytemuck::cast_slice(&words));
-    let (up, base) = graph.upload("wgdelta.params", &bytes)?;
-    if let Some(m) = x.mask {
-        graph.copy(&m.buffer, 0, &up, base + (info_at + mask_off as usize * 4) as u64, mask_bytes);
-    }
-    let range = |offset: usize, size: usize| wgpu::BufferBinding {
-        buffer: &up,
-        offset: base + offset as u64,
-        size: std::num::NonZeroU64::new(size as u64),
-    };
     for s in 0..n_seg {
         let last = s + 1 == n_seg;
+        let params = Params {
+            n_seqs: n as u32,
+            seq_off,
+            mask_off,
+            scale: p.scale,
+            t: d.t as u32,
+            seg_start: (s * seg) as u32,
+            seg_len: seg as u32,
+            ck_blocks,
+        };
+        let ubuf = graph.upload("wgdelta.params", bytemuck::bytes_of(&params))?;
         let spec = RecurrentSpec {
             tiles,
             state_src: if s == 0 { io.src } else { StateSrc::InPlace },
@@ -162,13 +139,13 @@ pub(crate) fn record(
         graph.dispatch_ranges(
             &spec.key(p),
             &[
-                range(s * BIND_ALIGN, psize),
+                ubuf.binding(),
                 whole(&x.q.buffer),
                 whole(&x.k.buffer),
                 whole(&x.v.buffer),
                 whole(&x.g.buffer),
                 whole(&x.beta.buffer),
-                range(info_at, words.len() * 4),
+                info.binding(),
                 whole(h0),
                 whole(&o.buffer),
                 state,
