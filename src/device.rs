@@ -55,6 +55,12 @@ pub struct Caps {
 }
 
 impl Caps {
+    /// Whether the cooperative matrices of `tile` also accumulate in f16 (`MH` of
+    /// [`crate::kernels::mma_header`]).
+    pub fn mma_f16_acc(&self, tile: u32) -> bool {
+        self.coop_matrix.iter().any(|s| s.m == tile && s.n == tile && s.k == tile && s.ab == "f16" && s.cr == "f16")
+    }
+
     /// The cooperative-matrix tile size the `*_mma` kernels can use here: the first of
     /// [`crate::kernels::MMA_TILES`] offered square with f16 operands and an f32 accumulator, when
     /// f16 and subgroups are granted too.

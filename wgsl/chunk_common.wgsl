@@ -8,7 +8,7 @@
 //   gc, bm [L, HV, C]      in-chunk cumulative log-decay; beta with masked tokens zeroed
 //   a      [L, HV, C, C]   A = (I + StrictLower(diag(beta) K K^T ∘ Γ))^-1
 //   w      [L, HV, C, K]   w = A (beta ∘ exp(gc) ∘ K)
-//   u, vn  [L, HV, C, V]   u = A (beta ∘ V), v_new = u - w S
+//   u, vn  [L, HV, C, V]   u = A (beta ∘ V), v_new = u - w S (u in f16 with U16)
 //   h      [L, HV, K, V]   state at the start of the chunk (kv order)
 //   wk16   [L, HV, 2, C, K] f16, two to a u32 word: -w, then K ∘ exp(gc_last - gc) (rows i >= len
 //                          zero): the operands of chunk_state_mma.wgsl (chunk_wu.wgsl, W16)
@@ -78,6 +78,11 @@ override WV32: bool = true;
 // chunk_wu.wgsl writes the state walk's f16 operands wk16 (-w from its result, K ∘ exp(gc_last - gc)
 // from the keys it stages) and, with OUT16, k^T of qk16 (q of qk16: chunk_pack16.wgsl).
 override W16: bool = false;
+
+// u in f16 (chunk_wu.wgsl writes it as halves) and v_new accumulated in f16 from it
+// (chunk_state_mma.wgsl); inference and training forwards on cooperative matrices, where nothing
+// reads u or v_new in f32.
+override U16: bool = false;
 
 // A is indexed by each chunk's state slot instead of its local index: the training forward writes it
 // into the saved A ([G, HV, C, C], canonical like the saved states, bound a window slice at a time)

@@ -21,31 +21,44 @@
 //      operands are loaded into registers (the loads run during step 4), so no step waits on
 //      global memory.
 //   4. S tiles: C = exp(gc_last) S; C += (K ∘ fac)^T v_new; stored back.
+// With U16 (u in f16 from chunk_wu.wgsl; the host sets it only where every v_new tile has its own
+// subgroup, the adapter grants f16 accumulators and BV = 32 fits), step 2 accumulates v_new in f16
+// (MH: v_new is an f16 operand and output anyway, and f16 keeps more bits than FLA's bf16 v_new)
+// starting from u, and stores it from the accumulators into s16 (once every subgroup has read S)
+// and vn16: no u staging, no f32 round trip, no conversion loop, one barrier less per chunk, and no
+// vs, so BV = 32 fits in 48 KiB: half the workgroups, each reading a chunk's -w and K ∘ fac once
+// for twice the columns (docs/PERF.md, R73).
 // Rows of xs and s16 are padded by 8 halves (16 bytes) so a tile's rows fall in different banks.
 // In steps 2 and 4 every round of tiles is read before any is written (a subgroup with no tile
 // left repeats the last one, which must not see it half updated).
-// Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG, MWG divides C * BV, C * BV / MWG <= 4.
+// Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG and, without U16, MWG divides C * BV and
+// C * BV / MWG <= 4.
 
 @group(0) @binding(4) var<storage, read> wk: array<vec4<f16>>; // wk16 of chunk_common.wgsl
 // With OUT16, S and v_new in f16 for chunk_output_mma.wgsl (f32 h only with KEEP_F32, vn with WV32).
 @group(0) @binding(10) var<storage, read_write> h16: array<f16>;
 @group(0) @binding(11) var<storage, read_write> vn16: array<f16>;
+// u as f16 (U16): the buffer of binding 5, which the host binds here as well.
+@group(0) @binding(12) var<storage, read> u16: array<f16>;
 
 override SB: u32 = BV + 8u;        // row stride of s16
 // Workgroup array sizes, besides xs (chunk_mma_stage.wgsl); the host computes the same total,
 // `mma_workgroup_bytes`.
 override SN: u32 = max(K, CH) * SB;
 override SSN: u32 = K * BV;
-override VSN: u32 = CH * BV;
-override NVR: u32 = CH * BV / MWG;          // u / v_new elements per thread (<= 4)
+override VSN: u32 = select(CH * BV, 4u, U16);
+override NVR: u32 = select(CH * BV / MWG, 0u, U16); // u / v_new elements per thread (<= 4)
 
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
 var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
-var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new
+var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new (not used with U16)
 // (lo, hi, flag) of the sequence's chunks in this window, and the subgroup count: one 16-byte variable,
 // so every workgroup variable is a multiple of 16 bytes and the f16 tiles start 16-byte aligned in
 // whatever order the driver lays them out (chunk_output_mma.wgsl, docs/PERF.md R37).
 var<workgroup> ctl: vec4<u32>;
+// U16: a CT x CT zero tile, then the CT x CT identity (16 bytes without U16).
+override IHN: u32 = select(8u, 2u * CT * CT, U16);
+var<workgroup> ih: array<f16, IHN>;
 
 // What a step reads from global memory, for one thread: its words of the chunk's -w and K ∘ fac,
 // its share of u, and gc_last.
@@ -99,6 +112,10 @@ fn main(
         return; // no chunk of this sequence in this window
     }
     let sbase = (n * HV + hv) * K * V;
+    for (var e = lid; e < IHN; e += MWG) {
+        let d = e % (CT * CT);
+        ih[e] = select(0.0h, 1.0h, e >= CT * CT && d / CT == d % CT);
+    }
     for (var e = lid; e < K * BV; e += MWG) {
         s32[e] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
     }
@@ -117,6 +134,10 @@ fn main(
     // current chunk's last products.
     var nx: Fetched;
     fetch(r.x, lid, hv, j0, &nx);
+    // U16: this subgroup's v_new tile (one round, host-checked).
+    let tv = min(sg, nvt - 1u);
+    let vi0 = (tv / ct) * CT;
+    let vc0 = (tv % ct) * CT;
     for (var lc = r.x; lc < r.y; lc++) {
         workgroupBarrier(); // S of the previous chunk is complete; xs and s16 are free
         let hb = (lc * HV + hv) * CH;
@@ -139,21 +160,44 @@ fn main(
         }
         workgroupBarrier();
 
-        for (var it = 0u; it < nvi; it++) {
-            let t = min(sg + it * nsgu, nvt - 1u);
-            let i0 = (t / ct) * CT;
-            let c0 = (t % ct) * CT;
-            let up = &vs[i0 * BV + c0];
-            var acc = coopLoadT<MC>(up, BV);
+        if (U16) {
+            // v_new = I u + (-w) S: u enters as the B operand of a product with the identity. On the
+            // H100 that beat loading u as the accumulator (f16 accumulator tiles load slowly from
+            // global memory: walk 0.89 against 1.01 ms at B=1 T=16384), and a tile loaded one step
+            // ahead in a variable carried across the loop was slower either way (docs/PERF.md, R73).
+            let zp = &ih[0];
+            let ip = &ih[CT * CT];
+            let up = &u16[(hb + vi0) * V + j0 + vc0];
+            var acc = coopMultiplyAdd(coopLoadT<MA>(ip, CT), coopLoadT<MB>(up, V), coopLoadT<MH>(zp, CT));
             for (var m0 = 0u; m0 < K; m0 += CT) {
-                let ap = &xs[i0 * XK + m0];
-                let bp = &s16[m0 * SB + c0];
+                let ap = &xs[vi0 * XK + m0];
+                let bp = &s16[m0 * SB + vc0];
                 acc = coopMultiplyAdd(coopLoadT<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
             }
-            workgroupBarrier(); // every tile of this round is read before any is written
-            coopStoreT(acc, up, BV);
+            workgroupBarrier(); // every subgroup has read S and -w: v_new may overwrite s16
+            let vp = &s16[vi0 * SB + vc0];
+            coopStoreT(acc, vp, SB);
+            if (OUT16) {
+                let gp = &vn16[(hb + vi0) * V + j0 + vc0];
+                coopStoreT(acc, gp, V);
+            }
+        } else {
+            for (var it = 0u; it < nvi; it++) {
+                let t = min(sg + it * nsgu, nvt - 1u);
+                let i0 = (t / ct) * CT;
+                let c0 = (t % ct) * CT;
+                let up = &vs[i0 * BV + c0];
+                var acc = coopLoadT<MC>(up, BV);
+                for (var m0 = 0u; m0 < K; m0 += CT) {
+                    let ap = &xs[i0 * XK + m0];
+                    let bp = &s16[m0 * SB + c0];
+                    acc = coopMultiplyAdd(coopLoadT<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
+                }
+                workgroupBarrier(); // every tile of this round is read before any is written
+                coopStoreT(acc, up, BV);
+            }
+            workgroupBarrier(); // v_new is complete in vs; every tile has read s16 and xs
         }
-        workgroupBarrier(); // v_new is complete in vs; every tile has read s16 and xs
 
         for (var x = 0u; x < NVR; x++) {
             let e = lid + MWG * x;

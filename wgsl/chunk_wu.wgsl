@@ -4,7 +4,7 @@
 //     w[i, :] = sum_{j <= i} A_ij bm_j exp(gc_j) k_j        [C x K]
 //     u[i, :] = sum_{j <= i} A_ij bm_j v_j                  [C x V]
 // (bm = beta with masked tokens zeroed; padded rows j >= len contribute nothing.)
-// Outputs w [L, HV, C, K], u [L, HV, C, V]; with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
+// Outputs w [L, HV, C, K], u [L, HV, C, V] (f16 with U16); with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
 // (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k^T of qk16
 // (plane 1 of [L, H, 2, C, K], as [K][C]; by the first value head of each key head), all f16 two
 // to a word; w in f32 then only with WV32. (A separate pass made them before, reading w and k per
@@ -27,7 +27,8 @@
 // A, w and u as vec4: C, K, V and BD are multiples of 16, so every access below is aligned.
 @group(0) @binding(6) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read_write> w: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read_write> u: array<vec4<f32>>;
+// u as pairs of words: two per 4 values in f32, one per 4 halves with U16.
+@group(0) @binding(8) var<storage, read_write> u: array<vec2<u32>>;
 @group(0) @binding(9) var<storage, read_write> wk16: array<u32>;
 @group(0) @binding(10) var<storage, read_write> qk16: array<u32>;
 
@@ -208,8 +209,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     wk16[at] = pack_halves(-acc[r].x, -acc[r].y);
                     wk16[at + 1u] = pack_halves(-acc[r].z, -acc[r].w);
                 }
+            } else if (U16) {
+                u[((hb + i) * V + d0 - K + tc * 4u) / 4u] =
+                    vec2<u32>(pack_halves(acc[r].x, acc[r].y), pack_halves(acc[r].z, acc[r].w));
             } else {
-                u[((hb + i) * V + d0 - K + tc * 4u) / 4u] = acc[r];
+                let at = ((hb + i) * V + d0 - K + tc * 4u) / 2u;
+                u[at] = bitcast<vec2<u32>>(acc[r].xy);
+                u[at + 1u] = bitcast<vec2<u32>>(acc[r].zw);
             }
         }
     }

@@ -7,6 +7,7 @@ use crate::problem::{DType, GateSpace, Problem, StateLayout};
 
 /// Workgroup size of every chunked pass (`WG` in `wgsl/chunk_common.wgsl`).
 pub const WG: u32 = 256;
+
 /// Largest workgroup tile in floats (`TILE` in `wgsl/chunk_common.wgsl`): 16 KiB.
 pub const TILE: u32 = 4096;
 /// Workgroup memory of the largest chunked pass (the state walk: S, v_new, a staging slice, the
@@ -53,6 +54,8 @@ pub struct ChunkSpec {
     /// A is the training forward's saved A, indexed by state slot (`A_SLOT`): the training forward
     /// writes it, the backward reads it instead of solving again.
     pub a_slot: bool,
+    /// u in f16, and the cooperative-matrix walk accumulates v_new in f16 from it (`U16`).
+    pub u16: bool,
 }
 
 impl ChunkSpec {
@@ -64,7 +67,19 @@ impl ChunkSpec {
         let bv = fit(&[16], &|b| v % b == 0 && k * b <= TILE && chunk * b <= 1024);
         let bvo = fit(&[64, 32, 16], &|b| v % b == 0 && chunk * b <= TILE);
         let bd = fit(&[64, 32, 16], &|b| v % b == 0 && k % b == 0 && chunk * b <= TILE);
-        ChunkSpec { chunk, bv, bvo, bd, mma: None, out16: false, keep_f32: true, wv32: true, w16: false, a_slot: false }
+        ChunkSpec {
+            chunk,
+            bv,
+            bvo,
+            bd,
+            mma: None,
+            out16: false,
+            keep_f32: true,
+            wv32: true,
+            w16: false,
+            a_slot: false,
+            u16: false,
+        }
     }
 
     /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`): pf,
@@ -106,7 +121,26 @@ impl ChunkSpec {
         spec.a_slot = purpose == ForwardPurpose::Training;
         // The stage tests check the f16 operands on every device, so they are made there too.
         spec.w16 = stages || spec.mma.is_some();
+        if let Some(t) = spec.mma {
+            spec.set_u16(p, caps, t);
+        }
         spec
+    }
+
+    /// u in f16 and v_new accumulated in f16, with BV = 32 (`U16`), where nothing reads u or v_new in
+    /// f32, the adapter accumulates in f16, and the walk fits with each v_new tile on a subgroup of
+    /// its own (its one round, whatever the subgroup size within the adapter's range). On the H100
+    /// (docs/PERF.md, R73) that walk took 0.89 / 3.99 ms at B=1 T=16384 / B=8 T=8192 against 1.12 /
+    /// 4.92 before; with BV = 16 it was slower than before (1.44 / 5.91), so BV = 16 keeps f32 u.
+    fn set_u16(&mut self, p: &Problem, caps: &Caps, t: u32) {
+        let subgroups = WG.checked_div(caps.subgroup_max).unwrap_or(0);
+        let on = ChunkSpec { u16: true, bv: 32, ..*self };
+        let fits = (on.chunk / t) * (on.bv / t) <= subgroups
+            && p.dims.v.is_multiple_of(32)
+            && on.mma_fits(p.dims.k, t, caps.max_workgroup_storage);
+        if self.out16 && !self.wv32 && caps.mma_f16_acc(t) && fits {
+            *self = on;
+        }
     }
 
     /// The optional scratch buffers a forward with these tiles holds (`stages`: q in f16 as well, for
@@ -118,14 +152,18 @@ impl ChunkSpec {
             q16: self.out16 || stages,
             f32_states: self.keep_f32,
             f32_wv: self.wv32,
+            u16: self.u16,
         }
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
-    /// these tiles and head dim `k`: xs, s16, s32, vs and `ctl`, in bytes.
+    /// these tiles and head dim `k`: xs, s16, s32, vs, `ctl` and ih (zero and identity tiles with `U16`), in bytes.
     pub fn mma_workgroup_bytes(&self, k: usize) -> u32 {
         let (k, c, bv) = (k as u32, self.chunk, self.bv);
-        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + 4 * c * bv + 16
+        let t = self.mma.unwrap_or(16);
+        // (vs; ih: zero and identity tiles)
+        let (vs, ih) = if self.u16 { (16, 2 * 2 * t * t) } else { (4 * c * bv, 16) };
+        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + vs + 16 + ih
     }
 
     /// Whether the cooperative-matrix state walk runs these tiles with `tile` x `tile` matrices,
@@ -133,12 +171,12 @@ impl ChunkSpec {
     /// 4 halves per operand and 4 values of u each: `NQ`, `NVR` in the WGSL).
     pub fn mma_fits(&self, k: usize, tile: u32, max_bytes: u32) -> bool {
         let (k32, c, bv) = (k as u32, self.chunk, self.bv);
+        // (u in registers only without U16.)
         bv % tile == 0
             && k32 % tile == 0
             && c % tile == 0
             && c * k32 <= 8 * 4 * 256
-            && c * bv % 256 == 0
-            && c * bv / 256 <= 4
+            && (self.u16 || (c * bv % 256 == 0 && c * bv / 256 <= 4))
             && self.mma_workgroup_bytes(k) <= max_bytes
     }
 
@@ -221,6 +259,7 @@ impl ChunkSpec {
                 ("WV32", b(self.wv32)),
                 ("W16", b(self.w16)),
                 ("A_SLOT", b(self.a_slot)),
+                ("U16", b(self.u16)),
             ],
         );
         match (kernel.mma(), self.mma) {
@@ -340,6 +379,8 @@ pub struct ScratchSet {
     pub f32_states: bool,
     /// v_new in f32 (`vn`), and w alongside wk16.
     pub f32_wv: bool,
+    /// u in f16 (`U16`).
+    pub u16: bool,
 }
 
 /// Scratch bytes per local chunk, buffer by buffer: gc, bm, a, w, u, vn, h, wk16, qk16, h16, vn16
@@ -354,7 +395,7 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
         f * hv * c,
         f * hv * c * c,
         on(!set.packed || set.f32_wv, f * hv * c * k),
-        f * hv * c * v,
+        if set.u16 { 2 * hv * c * v } else { f * hv * c * v },
         on(set.f32_wv, f * hv * c * v),
         on(set.f32_states, f * hv * k * v),
         on(set.packed, 2 * 2 * hv * c * k),
@@ -373,7 +414,7 @@ pub fn bwd_scratch_per_chunk(p: &Problem, chunk: usize, spec: &ChunkSpec) -> [u6
     let (c, hv, k, v) = (chunk as u64, d.hv as u64, d.k as u64, d.v as u64);
     let f = 4 * hv;
     let mma = spec.w16;
-    let set = ScratchSet { packed: mma, q16: mma, f32_states: true, f32_wv: spec.wv32, out16: false };
+    let set = ScratchSet { packed: mma, q16: mma, f32_states: true, f32_wv: spec.wv32, out16: false, u16: false };
     let [gc, bm, _, w, u, _, _, wk16, qk16, ..] = scratch_per_chunk(p, chunk, set);
     [gc, bm, w, u, f * c * v, f * c * v, f * k * v, f * c * k, f * c * k, f * c * k, f * c, wk16, qk16]
 }
@@ -481,8 +522,10 @@ mod tests {
     }
 
     /// The scratch of an inference forward on SIMT passes and on cooperative matrices.
-    const SIMT: ScratchSet = ScratchSet { packed: false, out16: false, q16: false, f32_states: true, f32_wv: true };
-    const MMA: ScratchSet = ScratchSet { packed: true, out16: true, q16: true, f32_states: false, f32_wv: false };
+    const SIMT: ScratchSet =
+        ScratchSet { packed: false, out16: false, q16: false, f32_states: true, f32_wv: true, u16: false };
+    const MMA: ScratchSet =
+        ScratchSet { packed: true, out16: true, q16: true, f32_states: false, f32_wv: false, u16: true };
     /// The backward's variants: SIMT passes, or both cooperative-matrix passes (16 x 16 tiles).
     fn bwd_spec(mma: bool) -> ChunkSpec {
         let s = ChunkSpec::choose(64, 128, 128);
@@ -560,13 +603,11 @@ mod tests {
         assert!(!ChunkSpec::choose(64, 48, 48).mma_fits(48, 32, 48 << 10));
     }
 
-    /// Where the backward's reverse walk runs on cooperative matrices: f16/bf16 inputs only, NVIDIA's
-    /// 48 KiB at chunk 64 and K = 128 (42,000 bytes), Apple's 32 KiB from chunk 32 down; with it the
-    /// recompute passes make its f16 operands (`w16`) and its scratch holds them.
-    #[test]
-    fn mma_backward_walk_fits() {
+    /// An adapter with subgroups of 32 and `tile` x `tile` f16 cooperative matrices accumulating in
+    /// each of `acc`, granting `kib` KiB of workgroup memory.
+    fn coop_caps(tile: u32, kib: u32, acc: &[&'static str]) -> Caps {
         use crate::device::CoopShape;
-        let caps = |tile: u32, kib: u32| Caps {
+        Caps {
             f16: true,
             f64: false,
             subgroup: true,
@@ -575,14 +616,49 @@ mod tests {
             f32_atomic: false,
             timestamp: false,
             passthrough: false,
-            coop_matrix: vec![CoopShape { m: tile, n: tile, k: tile, ab: "f16", cr: "f32" }],
+            coop_matrix: acc.iter().map(|&cr| CoopShape { m: tile, n: tile, k: tile, ab: "f16", cr }).collect(),
             max_binding: 1 << 30,
             max_buffer: 1 << 30,
             max_workgroup_storage: kib << 10,
             max_invocations: 1024,
             max_storage_buffers: 31,
             max_workgroups_per_dim: 65535,
-        };
+        }
+    }
+
+    /// Where the forward's walk takes u in f16 with BV = 32 (`U16`): an inference or training forward
+    /// on NVIDIA's 16x16 tiles with f16 accumulators (45,072 bytes of 48 KiB at C=64, K=128; BV = 32
+    /// with f32 u would need 52,240); not without f16 accumulators, not in the stage tests (they read
+    /// u in f32), not on Apple's 8x8 tiles (16 v_new tiles for 8 subgroups).
+    #[test]
+    fn forward_walk_u16() {
+        let p = problem(1, 256, 32, 128, None);
+        let nv = coop_caps(16, 48, &["f32", "f16"]);
+        for purpose in [ForwardPurpose::Inference, ForwardPurpose::Training] {
+            let s = ChunkSpec::for_forward(64, &p, &nv, purpose);
+            assert_eq!((s.u16, s.bv, s.mma), (true, 32, Some(16)), "{purpose:?}");
+            assert_eq!(s.mma_workgroup_bytes(128), 45088);
+            assert_eq!(ChunkSpec { u16: false, ..s }.mma_workgroup_bytes(128), 52256);
+            assert!(!ChunkSpec { u16: false, ..s }.mma_fits(128, 16, 48 << 10));
+            assert!(s.scratch_set(false).u16);
+        }
+        let s = ChunkSpec::for_forward(64, &p, &nv, ForwardPurpose::Stages);
+        assert_eq!((s.u16, s.bv), (false, 16));
+        let s = ChunkSpec::for_forward(64, &p, &coop_caps(16, 48, &["f32"]), ForwardPurpose::Inference);
+        assert_eq!((s.u16, s.bv, s.mma), (false, 16, Some(16)));
+        let s = ChunkSpec::for_forward(32, &p, &coop_caps(8, 32, &["f32", "f16"]), ForwardPurpose::Inference);
+        assert_eq!((s.u16, s.mma), (false, Some(8)));
+        // u takes half the bytes.
+        let on = ChunkSpec::for_forward(64, &p, &nv, ForwardPurpose::Inference).scratch_set(false);
+        assert_eq!(scratch_per_chunk(&p, 64, on)[4] * 2, scratch_per_chunk(&p, 64, ScratchSet { u16: false, ..on })[4]);
+    }
+
+    /// Where the backward's reverse walk runs on cooperative matrices: f16/bf16 inputs only, NVIDIA's
+    /// 48 KiB at chunk 64 and K = 128 (42,000 bytes), Apple's 32 KiB from chunk 32 down; with it the
+    /// recompute passes make its f16 operands (`w16`) and its scratch holds them.
+    #[test]
+    fn mma_backward_walk_fits() {
+        let caps = |tile, kib| coop_caps(tile, kib, &["f32"]);
         let p = problem(1, 256, 32, 128, None);
         assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_mma_bytes(128), 42000);
         let nv = ChunkSpec::for_backward(64, &p, &caps(16, 48));

@@ -222,10 +222,11 @@ impl Kernel {
             // q | qk16
             Kernel::ChunkPack16 => &[Uniform, Read, Read, ReadWrite],
             Kernel::ChunkState => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
-            // k, gc, wk16, u, h0 | h, vn, state, h16, vn16
-            Kernel::ChunkStateMma => {
-                &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite, ReadWrite]
-            }
+            // k, gc, wk16, u, h0 | h, vn, state, h16, vn16 | u as f16 (the same buffer as u)
+            Kernel::ChunkStateMma => &[
+                Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite, ReadWrite,
+                Read,
+            ],
             Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
             // qk16, gc, h16, vn16 | o
             Kernel::ChunkOutputMma => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
@@ -310,13 +311,14 @@ impl Kernel {
 pub const MMA_TILES: [u32; 2] = [16, 8];
 
 /// The header of a cooperative-matrix kernel with `tile` x `tile` matrices: the `enable`s and the
-/// tile types `MA`, `MB` (f16 operands) and `MC` (f32 accumulator), and `CT`. The only thing that
+/// tile types `MA`, `MB` (f16 operands), `MC` (f32 accumulator) and `MH` (f16 accumulator), and `CT`. The only thing that
 /// differs between tile sizes is this text, because WGSL spells the size in the type's name.
 pub fn mma_header(tile: u32) -> String {
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\n\
          alias MA = coop_mat{tile}x{tile}<f16, A>;\nalias MB = coop_mat{tile}x{tile}<f16, B>;\n\
-         alias MC = coop_mat{tile}x{tile}<f32, C>;\nconst CT: u32 = {tile}u;\n"
+         alias MC = coop_mat{tile}x{tile}<f32, C>;\nalias MH = coop_mat{tile}x{tile}<f16, C>;\n\
+         const CT: u32 = {tile}u;\n"
     )
 }
 

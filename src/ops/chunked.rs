@@ -268,7 +268,7 @@ fn record(
             vec![whole(&ps), whole(&info), whole(&x.k.buffer), whole(&gc), whole(state_w), whole(&u), whole(h0)];
         state_bufs.extend([hb.clone(), whole(&vn), whole(carry)]);
         if spec.mma.is_some() {
-            state_bufs.extend([whole(&h16), whole(&vn16)]);
+            state_bufs.extend([whole(&h16), whole(&vn16), whole(&u)]);
         }
         graph.dispatch_ranges(&spec.key(state_kernel, p), &state_bufs, [hv * (d.v as u32 / spec.bv), sy, sz])?;
         if nl > 0 {
