@@ -4,8 +4,8 @@
 //     w[i, :] = sum_{j <= i} A_ij bm_j exp(gc_j) k_j        [C x K]
 //     u[i, :] = sum_{j <= i} A_ij bm_j v_j                  [C x V]
 // (bm = beta with masked tokens zeroed; padded rows j >= len contribute nothing.)
-// Outputs w [L, HV, C, K], u [L, HV, C, V] (f16 with U16); with W16 (chunk_common.wgsl) also wk16 [L, HV, 2, C, K]
-// (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k^T of qk16
+// Outputs w [L, HV, C, K], u [L, HV, C, V] (f16 with U16); with W16 (chunk_common.wgsl) also wk16
+// [L, HV, 2, C, K] (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k^T of qk16
 // (plane 1 of [L, H, 2, C, K], as [K][C]; by the first value head of each key head), all f16 two
 // to a word; w in f32 then only with WV32. (A separate pass made them before, reading w and k per
 // value head again.)
@@ -24,10 +24,11 @@
 @group(0) @binding(3) var<storage, read> v: array<u32>;
 @group(0) @binding(4) var<storage, read> gc: array<f32>;
 @group(0) @binding(5) var<storage, read> bm: array<f32>;
-// A, w and u as vec4: C, K, V and BD are multiples of 16, so every access below is aligned.
+// A and w as vec4, u as pairs of words: C, K, V and BD are multiples of 16, so every access below is
+// aligned.
 @group(0) @binding(6) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read_write> w: array<vec4<f32>>;
-// u as pairs of words: two per 4 values in f32, one per 4 halves with U16.
+// (u: two words per 2 values in f32, per 4 halves with U16.)
 @group(0) @binding(8) var<storage, read_write> u: array<vec2<u32>>;
 @group(0) @binding(9) var<storage, read_write> wk16: array<u32>;
 @group(0) @binding(10) var<storage, read_write> qk16: array<u32>;

@@ -7,7 +7,6 @@ use crate::problem::{DType, GateSpace, Problem, StateLayout};
 
 /// Workgroup size of every chunked pass (`WG` in `wgsl/chunk_common.wgsl`).
 pub const WG: u32 = 256;
-
 /// Largest workgroup tile in floats (`TILE` in `wgsl/chunk_common.wgsl`): 16 KiB.
 pub const TILE: u32 = 4096;
 /// Workgroup memory of the largest chunked pass (the state walk: S, v_new, a staging slice, the
@@ -157,7 +156,8 @@ impl ChunkSpec {
     }
 
     /// Workgroup memory of the cooperative-matrix state walk (`wgsl/chunk_state_mma.wgsl`) with
-    /// these tiles and head dim `k`: xs, s16, s32, vs, `ctl` and ih (zero and identity tiles with `U16`), in bytes.
+    /// these tiles and head dim `k`: xs, s16, s32, vs, `ctl` and ih (zero and identity tiles with
+    /// `U16`), in bytes.
     pub fn mma_workgroup_bytes(&self, k: usize) -> u32 {
         let (k, c, bv) = (k as u32, self.chunk, self.bv);
         let t = self.mma.unwrap_or(16);
@@ -627,8 +627,8 @@ mod tests {
     }
 
     /// Where the forward's walk takes u in f16 with BV = 32 (`U16`): an inference or training forward
-    /// on NVIDIA's 16x16 tiles with f16 accumulators (45,072 bytes of 48 KiB at C=64, K=128; BV = 32
-    /// with f32 u would need 52,240); not without f16 accumulators, not in the stage tests (they read
+    /// on NVIDIA's 16x16 tiles with f16 accumulators (45,088 bytes of 48 KiB at C=64, K=128; BV = 32
+    /// with f32 u would need 52,256); not without f16 accumulators, not in the stage tests (they read
     /// u in f32), not on Apple's 8x8 tiles (16 v_new tiles for 8 subgroups).
     #[test]
     fn forward_walk_u16() {

@@ -311,8 +311,9 @@ impl Kernel {
 pub const MMA_TILES: [u32; 2] = [16, 8];
 
 /// The header of a cooperative-matrix kernel with `tile` x `tile` matrices: the `enable`s and the
-/// tile types `MA`, `MB` (f16 operands), `MC` (f32 accumulator) and `MH` (f16 accumulator), and `CT`. The only thing that
-/// differs between tile sizes is this text, because WGSL spells the size in the type's name.
+/// tile types `MA`, `MB` (f16 operands), `MC` (f32 accumulator) and `MH` (f16 accumulator), and `CT`.
+/// The only thing that differs between tile sizes is this text, because WGSL spells the size in the
+/// type's name.
 pub fn mma_header(tile: u32) -> String {
     format!(
         "enable f16;\nenable wgpu_cooperative_matrix;\n\
