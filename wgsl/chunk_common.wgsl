@@ -84,6 +84,10 @@ override W16: bool = false;
 // reads u or v_new in f32.
 override U16: bool = false;
 
+// The cooperative-matrix output pass keeps each subgroup's tiles of P = Q K^T in registers for the
+// key head's GROUP value heads (one task per subgroup: host-checked).
+override PKEEP: bool = false;
+
 // A is indexed by each chunk's state slot instead of its local index: the training forward writes it
 // into the saved A ([G, HV, C, C], canonical like the saved states, bound a window slice at a time)
 // and the backward reads it back from there instead of solving again.

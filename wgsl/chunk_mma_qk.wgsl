@@ -34,37 +34,46 @@ fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
     }
 }
 
-// P = Q K^T -> pf, for the q plane at qb of qk16 (k^T, [K][C], at qb + C K); a row tile and a
-// pair of column tiles per task (one A tile feeds two products). zt must hold zeros; sg, nsgu uniform per subgroup.
-fn qk_to_pf(qb: u32, sg: u32, nsgu: u32) {
+// One task of P = Q K^T for the q plane at qb of qk16 (k^T, [K][C], at qb + C K): row tile and
+// column-tile pair t, accumulated into p0, p1 (one A tile feeds two products).
+fn qk_task(qb: u32, t: u32, p0: ptr<function, MC>, p1: ptr<function, MC>) {
     let kb = qb + CH * K;
+    let pt = CH / CT;
+    let i0 = (t / (pt / 2u)) * CT;
+    let c0 = (t % (pt / 2u)) * 2u * CT;
+    // K^T: element (m, j) at kT[m * C + j], row-major (chunk_wu.wgsl writes it transposed: a
+    // column-major load from global memory is slower). The next step's tiles are loaded before
+    // this step's products (software pipelining).
+    var a = coopLoadT<MA>(&qk16[qb + i0 * K], K);
+    var b0 = coopLoadT<MB>(&qk16[kb + c0], CH);
+    var b1 = coopLoadT<MB>(&qk16[kb + c0 + CT], CH);
+    for (var m0 = 0u; m0 < K; m0 += CT) {
+        let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
+        let na = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
+        let nb0 = coopLoadT<MB>(&qk16[kb + mn * CH + c0], CH);
+        let nb1 = coopLoadT<MB>(&qk16[kb + mn * CH + c0 + CT], CH);
+        *p0 = coopMultiplyAdd(a, b0, *p0);
+        *p1 = coopMultiplyAdd(a, b1, *p1);
+        a = na;
+        b0 = nb0;
+        b1 = nb1;
+    }
+}
+
+// P = Q K^T -> pf, for the q plane at qb of qk16, task by task (qk_task) in rounds of the subgroups.
+// zt must hold zeros; sg, nsgu uniform per subgroup.
+fn qk_to_pf(qb: u32, sg: u32, nsgu: u32) {
     let pt = CH / CT;
     let np = pt * (pt / 2u);
     let rp = (np + nsgu - 1u) / nsgu;
     let zp = &zt[0];
     for (var it = 0u; it < rp; it++) {
         let t = min(sg + it * nsgu, np - 1u);
+        var p0: MC = coopLoadT<MC>(zp, CT);
+        var p1: MC = coopLoadT<MC>(zp, CT);
+        qk_task(qb, t, &p0, &p1);
         let i0 = (t / (pt / 2u)) * CT;
         let c0 = (t % (pt / 2u)) * 2u * CT;
-        var p0 = coopLoadT<MC>(zp, CT);
-        var p1 = coopLoadT<MC>(zp, CT);
-        // K^T: element (m, j) at kT[m * C + j], row-major (chunk_wu.wgsl writes it transposed: a
-        // column-major load from global memory is slower). The next step's tiles are loaded before
-        // this step's products (software pipelining).
-        var a = coopLoadT<MA>(&qk16[qb + i0 * K], K);
-        var b0 = coopLoadT<MB>(&qk16[kb + c0], CH);
-        var b1 = coopLoadT<MB>(&qk16[kb + c0 + CT], CH);
-        for (var m0 = 0u; m0 < K; m0 += CT) {
-            let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
-            let na = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
-            let nb0 = coopLoadT<MB>(&qk16[kb + mn * CH + c0], CH);
-            let nb1 = coopLoadT<MB>(&qk16[kb + mn * CH + c0 + CT], CH);
-            p0 = coopMultiplyAdd(a, b0, p0);
-            p1 = coopMultiplyAdd(a, b1, p1);
-            a = na;
-            b0 = nb0;
-            b1 = nb1;
-        }
         let s0 = &pf[i0 * CH + c0];
         let s1 = &pf[i0 * CH + c0 + CT];
         coopStoreT(p0, s0, CH);

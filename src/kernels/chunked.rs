@@ -55,6 +55,9 @@ pub struct ChunkSpec {
     pub a_slot: bool,
     /// u in f16, and the cooperative-matrix walk accumulates v_new in f16 from it (`U16`).
     pub u16: bool,
+    /// The cooperative-matrix output pass makes P once per key head and keeps it in registers for
+    /// the head's value heads (`PKEEP`: each subgroup has one task of P).
+    pub p_keep: bool,
 }
 
 impl ChunkSpec {
@@ -78,6 +81,7 @@ impl ChunkSpec {
             w16: false,
             a_slot: false,
             u16: false,
+            p_keep: false,
         }
     }
 
@@ -113,6 +117,8 @@ impl ChunkSpec {
                 spec.bvo = whole.bvo;
             }
             spec.out16 = spec.output_mma_fits(p.dims.k, t, max);
+            let (tiles, subgroups) = (spec.chunk / t, WG.checked_div(caps.subgroup_max).unwrap_or(0));
+            spec.p_keep = spec.out16 && tiles * (tiles / 2) <= subgroups;
         }
         let stages = purpose == ForwardPurpose::Stages;
         spec.keep_f32 = purpose != ForwardPurpose::Inference || !spec.out16;
@@ -260,6 +266,7 @@ impl ChunkSpec {
                 ("W16", b(self.w16)),
                 ("A_SLOT", b(self.a_slot)),
                 ("U16", b(self.u16)),
+                ("PKEEP", b(self.p_keep)),
             ],
         );
         match (kernel.mma(), self.mma) {
@@ -641,6 +648,7 @@ mod tests {
             assert_eq!(ChunkSpec { u16: false, ..s }.mma_workgroup_bytes(128), 52256);
             assert!(!ChunkSpec { u16: false, ..s }.mma_fits(128, 16, 48 << 10));
             assert!(s.scratch_set(false).u16);
+            assert!(s.p_keep); // 8 tasks of P for 8 subgroups
         }
         let s = ChunkSpec::for_forward(64, &p, &nv, ForwardPurpose::Stages);
         assert_eq!((s.u16, s.bv), (false, 16));

@@ -275,6 +275,8 @@ fn record(
             let o = &o.buffer;
             let grid = [hv * (d.v as u32 / spec.bvo), cy, cz];
             if spec.out16 {
+                // A workgroup per key head, for its GROUP value heads.
+                let grid = [d.h as u32 * (d.v as u32 / spec.bvo), cy, cz];
                 graph.dispatch(
                     &spec.key(Kernel::ChunkOutputMma, p),
                     &[&pc, &info, &qk16, &gc, &h16, &vn16, o],
