@@ -24,6 +24,13 @@ pub const DEFAULT_WINDOW_BYTES: u64 = 1 << 30;
 /// and 75.8 ms with windows of 0.5, 1, 2 and 4 GiB (R49).
 pub const DEFAULT_TRAIN_WINDOW_BYTES: u64 = 2 << 30;
 
+/// The fewest subgroups a chunked pass's workgroup of [`WG`] threads can have on `caps` (0 where the
+/// subgroup size is unknown). The variants that give each subgroup one task of its own (`U16`,
+/// `PKEEP`) are chosen only where the tasks are no more than this.
+fn min_subgroups(caps: &Caps) -> u32 {
+    WG.checked_div(caps.subgroup_max).unwrap_or(0)
+}
+
 /// Everything that selects one compiled variant of the chunked passes, besides the problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ChunkSpec {
@@ -117,8 +124,8 @@ impl ChunkSpec {
                 spec.bvo = whole.bvo;
             }
             spec.out16 = spec.output_mma_fits(p.dims.k, t, max);
-            let (tiles, subgroups) = (spec.chunk / t, WG.checked_div(caps.subgroup_max).unwrap_or(0));
-            spec.p_keep = spec.out16 && tiles * (tiles / 2) <= subgroups;
+            let tiles = spec.chunk / t;
+            spec.p_keep = spec.out16 && tiles * (tiles / 2) <= min_subgroups(caps);
         }
         let stages = purpose == ForwardPurpose::Stages;
         spec.keep_f32 = purpose != ForwardPurpose::Inference || !spec.out16;
@@ -138,9 +145,8 @@ impl ChunkSpec {
     /// (docs/PERF.md, R73) that walk took 0.89 / 3.99 ms at B=1 T=16384 / B=8 T=8192 against 1.12 /
     /// 4.92 before; with BV = 16 it was slower than before (1.44 / 5.91), so BV = 16 keeps f32 u.
     fn set_u16(&mut self, p: &Problem, caps: &Caps, t: u32) {
-        let subgroups = WG.checked_div(caps.subgroup_max).unwrap_or(0);
         let on = ChunkSpec { u16: true, bv: 32, ..*self };
-        let fits = (on.chunk / t) * (on.bv / t) <= subgroups
+        let fits = (on.chunk / t) * (on.bv / t) <= min_subgroups(caps)
             && p.dims.v.is_multiple_of(32)
             && on.mma_fits(p.dims.k, t, caps.max_workgroup_storage);
         if self.out16 && !self.wv32 && caps.mma_f16_acc(t) && fits {

@@ -2,7 +2,7 @@
 //! sequence and head), and the backward that turns it and the upstream gradients into gradients for
 //! every input (`wgsl/recurrent_bwd.wgsl`, then `wgsl/reduce_partials.wgsl` in deterministic mode).
 
-use super::recurrent::record_info;
+use super::recurrent::{common_bindings, record_info};
 use super::{Inputs, Outputs, Plan};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -41,6 +41,13 @@ pub struct Saved {
 }
 
 impl Saved {
+    /// The saved inputs as [`Inputs`] (the backward passes read them).
+    pub(crate) fn inputs(&self) -> Inputs<'_> {
+        let mut x = Inputs::new(&self.q, &self.k, &self.v, &self.g, &self.beta);
+        x.mask = self.mask.as_ref();
+        x
+    }
+
     /// The validated forward call.
     pub fn problem(&self) -> &Problem {
         &self.problem
@@ -76,20 +83,8 @@ impl Saved {
     pub fn saved_bytes(&self) -> u64 {
         self.state_bytes() + self.chunked.as_ref().map_or(0, |c| c.1.byte_len())
     }
-    pub(crate) fn q(&self) -> &Tensor {
-        &self.q
-    }
-    pub(crate) fn k(&self) -> &Tensor {
-        &self.k
-    }
-    pub(crate) fn v(&self) -> &Tensor {
-        &self.v
-    }
     pub(crate) fn g(&self) -> &Tensor {
         &self.g
-    }
-    pub(crate) fn beta(&self) -> &Tensor {
-        &self.beta
     }
     pub(crate) fn mask(&self) -> Option<&Tensor> {
         self.mask.as_ref()
@@ -335,26 +330,9 @@ impl Engine {
                 _pad: [0; 2],
             };
             let ubuf = graph.upload("wgdelta.bwd.params", bytemuck::bytes_of(&params))?;
-            let s = &saved;
-            graph.dispatch_ranges(
-                &key,
-                &[
-                    ubuf.binding(),
-                    whole(&s.q.buffer),
-                    whole(&s.k.buffer),
-                    whole(&s.v.buffer),
-                    whole(&s.g.buffer),
-                    whole(&s.beta.buffer),
-                    info.binding(),
-                    whole(&d_o.buffer),
-                    whole(dht_buf),
-                    whole(&s.checkpoints.buffer),
-                    whole(&dv.buffer),
-                    whole(&work),
-                    whole(&acc),
-                ],
-                [v_tiles * d.hv as u32, gy, gz],
-            )?;
+            let mut bufs = common_bindings(&ubuf, &saved.inputs(), &info);
+            bufs.extend([&d_o.buffer, dht_buf, &saved.checkpoints.buffer, &dv.buffer, &work, &acc].map(whole));
+            graph.dispatch_ranges(&key, &bufs, [v_tiles * d.hv as u32, gy, gz])?;
             base += count;
         }
 

@@ -11,7 +11,6 @@
 
 use super::backward::{Grads, Saved};
 use super::chunked::{check_workgroup_memory, record_chunk_passes, split, window_slice, ChunkTable, STORAGE};
-use super::Inputs;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::graph::whole;
@@ -196,13 +195,4 @@ pub(crate) fn backward(
     }
     eng.submit(graph)?;
     Ok(Grads { dq, dk, dv, dg, dbeta, dh0 })
-}
-
-impl Saved {
-    /// The saved inputs as [`Inputs`] (the recompute passes read them).
-    fn inputs(&self) -> Inputs<'_> {
-        let mut x = Inputs::new(self.q(), self.k(), self.v(), self.g(), self.beta());
-        x.mask = self.mask();
-        x
-    }
 }

@@ -136,30 +136,29 @@ pub(crate) fn record(
             }
             None => whole(&carry),
         };
-        graph.dispatch_ranges(
-            &spec.key(p),
-            &[
-                ubuf.binding(),
-                whole(&x.q.buffer),
-                whole(&x.k.buffer),
-                whole(&x.v.buffer),
-                whole(&x.g.buffer),
-                whole(&x.beta.buffer),
-                info.binding(),
-                whole(h0),
-                whole(&o.buffer),
-                state,
-                whole(ckpt),
-            ],
-            [tiles_x, gy, gz],
-        )?;
+        let mut bufs = common_bindings(&ubuf, x, &info);
+        bufs.extend([whole(h0), whole(&o.buffer), state, whole(ckpt)]);
+        graph.dispatch_ranges(&spec.key(p), &bufs, [tiles_x, gy, gz])?;
     }
     Ok(())
 }
 
+/// Bindings 0-6, which both recurrent kernels declare alike (`wgsl/recurrent_common.wgsl`, and each
+/// kernel's parameters at 0): parameters, q, k, v, g, beta, the info table. Each kernel's own follow.
+pub(crate) fn common_bindings<'a>(
+    params: &'a Upload,
+    x: &Inputs<'a>,
+    info: &'a Upload,
+) -> Vec<wgpu::BufferBinding<'a>> {
+    let mut b = vec![params.binding()];
+    b.extend([x.q, x.k, x.v, x.g, x.beta].map(|t| whole(&t.buffer)));
+    b.push(info.binding());
+    b
+}
+
 /// Whether `slots` are s, s + 1, s + 2, ... (a range of the pool).
 fn consecutive(slots: &[u32]) -> bool {
-    slots.windows(2).all(|w| w[1] == w[0].wrapping_add(1)) && !slots.is_empty()
+    slots.windows(2).all(|w| w[0].checked_add(1) == Some(w[1])) && !slots.is_empty()
 }
 
 /// Forward by the recurrent kernel: `o`, and `ht` when asked; with `ckpt` = (buffer, C, NB) also the
