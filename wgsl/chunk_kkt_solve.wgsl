@@ -14,8 +14,8 @@
 // registers with fixed counts (the staging rule of docs/PERF.md), so no slice waits on memory.
 // The inverse is blocked by NB = 16 rows, so that no step is a long sequential chain:
 //   1. each diagonal block's inverse, one thread per (block, column) solving that column by forward
-//      substitution in registers: no barriers inside (a row-by-row substitution over all C rows
-//      took two barriers per row);
+//      substitution in registers, right-looking (a dependent chain of NB steps): no barriers
+//      inside (a row-by-row substitution over all C rows took two barriers per row);
 //   2. block row p = 1 .. C/NB - 1 in turn:  A_pq = -A_pp sum_{q <= r < p} N_pr A_rq  (q < p),
 //      all q and entries at once, first the sums (into tb4), then the products with A_pp; each
 //      thread takes 4 adjacent entries of a row, so a term costs one scalar and one vec4 read of
@@ -147,16 +147,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
 
-        // 1. Diagonal blocks: column dcol of (I + N_bb)^-1, rows r0 .. r0 + NB.
+        // 1. Diagonal blocks: column dcol of (I + N_bb)^-1, rows r0 .. r0 + NB. Right-looking: once
+        // x[q] is final it is taken out of every row below at once, so the dependent chain is NB
+        // steps long, not NB²/2 (each row's sum waiting on the one before).
         var x: array<f32, NB>;
         let r0 = db * NB;
         if (db < nb) {
             for (var r = 0u; r < NB; r++) {
-                var s = select(0.0, 1.0, r == dcol);
-                for (var q = 0u; q < r; q++) {
-                    s -= na_at(r0 + r, r0 + q) * x[q];
+                x[r] = select(0.0, 1.0, r == dcol);
+            }
+            for (var q = 0u; q < NB; q++) {
+                let xq = x[q];
+                for (var r = q + 1u; r < NB; r++) {
+                    x[r] -= na_at(r0 + r, r0 + q) * xq;
                 }
-                x[r] = s;
             }
         }
         workgroupBarrier();
@@ -175,20 +179,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var p = 1u; p < nb; p++) {
             let rp = p * NB;
             let mine = lid < p * (NB * NB / 4u);
+            // (Two accumulators halve the dependent chain of each sum; the second sum runs over the
+            // whole block, whose entries right of the diagonal step 1 wrote as zeros.)
             if (mine) {
-                var s = vec4<f32>(0.0);
-                for (var c = q * NB; c < rp; c++) {
-                    s += na_at(rp + i, c) * na[c * NS4 + q * (NB / 4u) + m4];
+                var s0 = vec4<f32>(0.0);
+                var s1 = vec4<f32>(0.0);
+                for (var c = q * NB; c < rp; c += 2u) {
+                    s0 += na_at(rp + i, c) * na[c * NS4 + q * (NB / 4u) + m4];
+                    s1 += na_at(rp + i, c + 1u) * na[(c + 1u) * NS4 + q * (NB / 4u) + m4];
                 }
-                ks[lid] = s;
+                ks[lid] = s0 + s1;
             }
             workgroupBarrier();
             if (mine) {
-                var s = vec4<f32>(0.0);
-                for (var c = 0u; c <= i; c++) {
-                    s += na_at(rp + i, rp + c) * ks[q * (NB * NB / 4u) + c * (NB / 4u) + m4];
+                var s0 = vec4<f32>(0.0);
+                var s1 = vec4<f32>(0.0);
+                for (var c = 0u; c < NB; c += 2u) {
+                    let tb = q * (NB * NB / 4u) + c * (NB / 4u) + m4;
+                    s0 += na_at(rp + i, rp + c) * ks[tb];
+                    s1 += na_at(rp + i, rp + c + 1u) * ks[tb + NB / 4u];
                 }
-                na[(rp + i) * NS4 + q * (NB / 4u) + m4] = -s;
+                na[(rp + i) * NS4 + q * (NB / 4u) + m4] = -(s0 + s1);
             }
             workgroupBarrier();
         }
