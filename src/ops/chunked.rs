@@ -457,11 +457,11 @@ pub(crate) fn record_chunk_passes(
     )?;
     if q16 {
         let d = &p.dims;
-        let words = (d.h * spec.chunk as usize * d.k / 2) as u32;
+        let vecs = (d.h * spec.chunk as usize * d.k / 8) as u32;
         graph.dispatch(
             &spec.key(Kernel::ChunkPack16, p),
             &[pc, info, &x.q.buffer, qk16],
-            [words.div_ceil(WG), cy, cz],
+            [vecs.div_ceil(WG), cy, cz],
         )?;
     }
     Ok(())
