@@ -4,9 +4,9 @@
 // Assembled after kernels::mma_header (f16 operands MA, MB; f32 accumulator MC; CT x CT tiles).
 // For f16/bf16 inputs, where the state walk runs on cooperative matrices too (OUT16).
 //
-// Operands come ready as f16 from the passes before (OUT16), and every tile is loaded straight from
-// global memory, so nothing is staged: a 16 x 16 tile is 16 rows of 32 bytes, and the tiles the
-// workgroup's subgroups share stay in cache.
+// Operands come ready as f16 from the passes before (OUT16). The tiles of k, S and v_new are loaded
+// straight from global memory (a 16 x 16 tile is 16 rows of 32 bytes, and the tiles the workgroup's
+// subgroups share stay in cache); q is staged with its rows scaled (step 2).
 //   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl), then k^T as [K][C] (chunk_wu.wgsl); rows past the
 //                         chunk's end 0
 //   h16  [slots, HV, K, V] S (chunk_state_mma.wgsl, slot as h_base)
@@ -14,31 +14,88 @@
 // Output o [rows, HV, V] f32. Every product accumulates in f32.
 //
 // Grid: (H * V / BVO, local chunks on y/z): a workgroup per key head, which makes the outputs of its
-// GROUP value heads in turn; BVO is the whole V where the arrays fit (ChunkSpec::for_forward). P =
-// Q K^T depends on the key head only: with PKEEP each subgroup keeps its task of P in registers and
-// stores it for each value head, so P is made once per chunk and key head. MWG threads in
-// subgroups, which take tasks of a few CT x CT tiles (a row tile and two column tiles for P, 2 x 2
-// tiles for T, so loaded tiles feed two products each) in rounds; the round count is uniform (naga
-// requires uniform control flow around cooperative-matrix operations), and a subgroup past the
-// last task redoes the last one (same values written).
-// Per value head:
+// GROUP value heads in turn; BVO is the whole V (ChunkSpec::for_forward). P = Q K^T depends on the
+// key head only: with PKEEP each subgroup keeps its task of P in registers and stores it for each
+// value head, so P is made once per chunk and key head. MWG threads in subgroups, which take tasks of
+// a few CT x CT tiles (a row tile and two column tiles for P, 2 x 2 tiles for T, so loaded tiles feed
+// two products each) in rounds; the round count is uniform (naga requires uniform control flow
+// around cooperative-matrix operations), and a subgroup past the last task redoes the last one
+// (same values written).
 // Every workgroup variable is a multiple of 16 bytes (`ctl` packs the two words): the driver may lay
 // them out in any order, and a cooperative-matrix tile in workgroup memory must start 16-byte
 // aligned. With two loose u32 words p16 went wrong on the H100 (docs/PERF.md, R38).
+// Per value head:
 //   1. P = Q K^T (C x C) -> pf (f32), kept from the first head with PKEEP.
-//   2. p16 = f16(P ∘ Γ), Γ_ij = exp(gc_i - gc_j) for j <= i < len, else 0.
-//   3. T = Q S (C x BVO) -> pf; then row i of T times exp(gc_i).
-//   4. T += p16 v_new: for a whole chunk without a mask, o = scale * T straight from the
-//      accumulators; otherwise T -> pf, then
-//   5. o = scale * T for the chunk's rows (0 where masked).
-// Host-checked (ChunkSpec::output_mma_fits): C and BVO multiples of 2 CT, K of CT; the arrays fit.
+//   2. p16 = f16(P ∘ Γ), Γ_ij = exp(gc_i - gc_j) for j <= i < len, else 0; and qs = f16(exp(gc) ∘ Q),
+//      rows past len 0, in slices of QKS columns of K (the whole K where it fits).
+//   3. T = qs S + p16 v_new (C x BVO), in the accumulators: the exp(gc) rows are in qs, so T needs no
+//      round trip through workgroup memory to scale them (docs/PERF.md, R78: 0.90 -> 0.67 ms at B=1
+//      T=16384, 3.60 -> 2.67 ms at B=8 T=8192).
+//   4. For a whole chunk without a mask, o = scale * T straight from the accumulators. Otherwise each
+//      subgroup parks one of its four tiles at a time in pf (a CT-row strip, a tile per subgroup),
+//      and the workgroup copies the chunk's rows to o (rows past its end belong to the next chunk;
+//      masked rows are 0).
+// Host-checked (ChunkSpec::output_mma_fits): C and BVO multiples of 2 CT, K of QKS, QKS of CT; at
+// most 16 subgroups (the parking strip); the arrays fit.
 
 @group(0) @binding(4) var<storage, read> h16: array<f16>;
 @group(0) @binding(5) var<storage, read> vn16: array<f16>;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
+// qk16 again, as 4-half vectors: the q slices are staged 8 bytes a load.
+@group(0) @binding(7) var<storage, read> qk4: array<vec4<f16>>;
 
-// pf (chunk_mma_qk.wgsl) holds P, then T [C][BVO].
-override FN: u32 = CH * max(CH, BVO);
+// pf (chunk_mma_qk.wgsl) holds P, then parked T tiles [CT][SK] (a tile per subgroup).
+override FN: u32 = max(CH * CH, 16u * CT * CT);
+override SK: u32 = FN / CT;                  // row stride of the parked tiles
+override QX: u32 = QKS + 8u;                 // row stride of qs
+override NQV: u32 = CH * QKS / 4u;           // 4-half vectors per slice
+override NQT: u32 = (NQV + MWG - 1u) / MWG;  // of them per thread (<= 8)
+var<workgroup> qs: array<f16, CH * QX>;      // [C][QX]: exp(gc) ∘ q, one slice of K
+
+// Stages columns m0 .. m0 + QKS of exp(gc) ∘ q (q plane at qb of qk16) into qs; rows past len 0.
+// gcs holds gc of the chunk's rows. All loads are issued before the first store (docs/PERF.md, R18).
+fn stage_q(qb: u32, m0: u32, len: u32, lid: u32) {
+    var x: array<vec4<f16>, 8>;
+    for (var n = 0u; n < NQT; n++) {
+        let e = min(lid + MWG * n, NQV - 1u);
+        x[n] = qk4[(qb + (e * 4u / QKS) * K + m0 + (e * 4u) % QKS) / 4u];
+    }
+    for (var n = 0u; n < NQT; n++) {
+        let e = lid + MWG * n;
+        if (e < NQV) {
+            let i = e * 4u / QKS;
+            let y = vec4<f16>(select(vec4<f32>(0.0), vec4<f32>(x[n]) * exp(gcs[i]), i < len));
+            let at = i * QX + (e * 4u) % QKS;
+            qs[at] = y.x;
+            qs[at + 1u] = y.y;
+            qs[at + 2u] = y.z;
+            qs[at + 3u] = y.w;
+        }
+    }
+}
+
+// Writes tile q (0..3: t00, t01, t10, t11) of every subgroup's task of round `it` to o, through a
+// strip of pf (a tile per subgroup): the chunk's rows only (ch: start row, len), masked rows 0.
+// Uniform control flow: every subgroup calls it.
+fn park(tile: MC, q: u32, sg: u32, nsgu: u32, it: u32, no: u32, lid: u32, ch: vec3<u32>, hv: u32, j0: u32) {
+    let ot = BVO / (2u * CT);
+    let pp = &pf[sg * CT];
+    workgroupBarrier(); // pf is free: p16 is made, the previous tile is copied
+    coopStoreT(tile, pp, SK);
+    workgroupBarrier();
+    for (var e = lid; e < CT * CT * nsgu; e += MWG) {
+        let s = (e / CT) % nsgu; // the subgroup, and the element (ri, cj) of its tile
+        let ri = e / (CT * nsgu);
+        let cj = e % CT;
+        let ts = min(s + it * nsgu, no - 1u);
+        let i = (ts / ot) * 2u * CT + (q / 2u) * CT + ri;
+        let c = (ts % ot) * 2u * CT + (q % 2u) * CT + cj;
+        if (i < ch.y) {
+            let row = ch.x + i;
+            o[(row * HV + hv) * V + j0 + c] = select(0.0, P.scale * pf[ri * SK + s * CT + cj], live(row));
+        }
+    }
+}
 
 @compute @workgroup_size(MWG)
 fn main(
@@ -99,16 +156,16 @@ fn main(
             qk_to_pf(qb, sg, nsgu);
         }
         pf_to_p16(lid, ch.y, 1.0);
-        workgroupBarrier(); // pf is free; nothing reads gc after this but the row scaling of step 3
-        if (lid < CH) {
-            gcs[lid] = exp(gcs[lid]); // one exponential per row, not one per element
-        }
 
-        // 3. T = Q S, then its rows scaled by exp(gc). Tasks: 2 x 2 tiles (two A and two B tiles feed
-        // four products).
+        // 3. T = qs S + p16 v_new, tasks of 2 x 2 tiles (two A and two B tiles feed four products).
         let ot = BVO / (2u * CT);
         let no = (pt / 2u) * ot;
         let ro = (no + nsgu - 1u) / nsgu;
+        let nks = K / QKS;
+        if (nks == 1u) { // the whole K at once, for every round
+            stage_q(qb, 0u, ch.y, lid);
+            workgroupBarrier(); // also: p16 is complete, pf is free
+        }
         for (var it = 0u; it < ro; it++) {
             let t = min(sg + it * nsgu, no - 1u);
             let i0 = (t / ot) * 2u * CT;
@@ -117,55 +174,31 @@ fn main(
             var t01 = coopLoadT<MC>(zp, CT);
             var t10 = coopLoadT<MC>(zp, CT);
             var t11 = coopLoadT<MC>(zp, CT);
-            // The next step's tiles are loaded before this step's products (software pipelining: a
-            // subgroup's loads from global memory overlap its products instead of preceding them).
-            var a0 = coopLoadT<MA>(&qk16[qb + i0 * K], K);
-            var a1 = coopLoadT<MA>(&qk16[qb + (i0 + CT) * K], K);
-            var b0 = coopLoadT<MB>(&h16[sb + c0], V);
-            var b1 = coopLoadT<MB>(&h16[sb + c0 + CT], V);
-            for (var m0 = 0u; m0 < K; m0 += CT) {
-                let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
-                let na0 = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
-                let na1 = coopLoadT<MA>(&qk16[qb + (i0 + CT) * K + mn], K);
-                let nb0 = coopLoadT<MB>(&h16[sb + mn * V + c0], V);
-                let nb1 = coopLoadT<MB>(&h16[sb + mn * V + c0 + CT], V);
-                t00 = coopMultiplyAdd(a0, b0, t00);
-                t01 = coopMultiplyAdd(a0, b1, t01);
-                t10 = coopMultiplyAdd(a1, b0, t10);
-                t11 = coopMultiplyAdd(a1, b1, t11);
-                a0 = na0;
-                a1 = na1;
-                b0 = nb0;
-                b1 = nb1;
+            for (var ks = 0u; ks < nks; ks++) {
+                if (nks > 1u) {
+                    workgroupBarrier(); // every subgroup is done with the previous slice
+                    stage_q(qb, ks * QKS, ch.y, lid);
+                    workgroupBarrier(); // also: p16 is complete, pf is free
+                }
+                // The next step's S tiles are loaded before this step's products (software
+                // pipelining: a subgroup's loads from global memory overlap its products).
+                let sk = sb + ks * QKS * V;
+                var b0 = coopLoadT<MB>(&h16[sk + c0], V);
+                var b1 = coopLoadT<MB>(&h16[sk + c0 + CT], V);
+                for (var m0 = 0u; m0 < QKS; m0 += CT) {
+                    let mn = min(m0 + CT, QKS - CT); // (the last step reloads its own tiles)
+                    let nb0 = coopLoadT<MB>(&h16[sk + mn * V + c0], V);
+                    let nb1 = coopLoadT<MB>(&h16[sk + mn * V + c0 + CT], V);
+                    let a0 = coopLoadT<MA>(&qs[i0 * QX + m0], QX);
+                    let a1 = coopLoadT<MA>(&qs[(i0 + CT) * QX + m0], QX);
+                    t00 = coopMultiplyAdd(a0, b0, t00);
+                    t01 = coopMultiplyAdd(a0, b1, t01);
+                    t10 = coopMultiplyAdd(a1, b0, t10);
+                    t11 = coopMultiplyAdd(a1, b1, t11);
+                    b0 = nb0;
+                    b1 = nb1;
+                }
             }
-            let d00 = &pf[i0 * BVO + c0];
-            let d01 = &pf[i0 * BVO + c0 + CT];
-            let d10 = &pf[(i0 + CT) * BVO + c0];
-            let d11 = &pf[(i0 + CT) * BVO + c0 + CT];
-            coopStoreT(t00, d00, BVO);
-            coopStoreT(t01, d01, BVO);
-            coopStoreT(t10, d10, BVO);
-            coopStoreT(t11, d11, BVO);
-        }
-        workgroupBarrier();
-        for (var e = lid; e < CH * BVO; e += MWG) {
-            pf[e] *= gcs[e / BVO]; // exp(gc), above
-        }
-        workgroupBarrier();
-
-        // 4. T += (P ∘ Γ) v_new, the same tasks.
-        for (var it = 0u; it < ro; it++) {
-            let t = min(sg + it * nsgu, no - 1u);
-            let i0 = (t / ot) * 2u * CT;
-            let c0 = (t % ot) * 2u * CT;
-            let d00 = &pf[i0 * BVO + c0];
-            let d01 = &pf[i0 * BVO + c0 + CT];
-            let d10 = &pf[(i0 + CT) * BVO + c0];
-            let d11 = &pf[(i0 + CT) * BVO + c0 + CT];
-            var t00 = coopLoadT<MC>(d00, BVO);
-            var t01 = coopLoadT<MC>(d01, BVO);
-            var t10 = coopLoadT<MC>(d10, BVO);
-            var t11 = coopLoadT<MC>(d11, BVO);
             var b0 = coopLoadT<MB>(&vn16[vb + c0], V);
             var b1 = coopLoadT<MB>(&vn16[vb + c0 + CT], V);
             for (var j = 0u; j < CH; j += CT) {
@@ -182,31 +215,18 @@ fn main(
                 b1 = nb1;
             }
             if (direct) {
-                // 5. A whole chunk without a mask: every row is written, straight from the accumulators.
+                // 4. A whole chunk without a mask: every row is written, straight from the accumulators.
                 let ob = ((ch.x + i0) * HV + hv) * V + j0 + c0;
                 coopStoreT(P.scale * t00, &o[ob], HV * V);
                 coopStoreT(P.scale * t01, &o[ob + CT], HV * V);
                 coopStoreT(P.scale * t10, &o[ob + CT * HV * V], HV * V);
                 coopStoreT(P.scale * t11, &o[ob + CT * HV * V + CT], HV * V);
             } else {
-                workgroupBarrier(); // every tile of this round is read before any is written
-                coopStoreT(t00, d00, BVO);
-                coopStoreT(t01, d01, BVO);
-                coopStoreT(t10, d10, BVO);
-                coopStoreT(t11, d11, BVO);
-            }
-        }
-
-        // 5. Otherwise the chunk's rows through pf: rows past its end belong to the next chunk, masked
-        // rows are 0.
-        if (!direct) {
-            workgroupBarrier();
-            for (var e = lid; e < CH * BVO; e += MWG) {
-                let i = e / BVO;
-                if (i < ch.y) {
-                    let row = ch.x + i;
-                    o[(row * HV + hv) * V + j0 + e % BVO] = select(0.0, P.scale * pf[e], live(row));
-                }
+                // 4. Otherwise tile by tile through pf.
+                park(t00, 0u, sg, nsgu, it, no, lid, ch, hv, j0);
+                park(t01, 1u, sg, nsgu, it, no, lid, ch, hv, j0);
+                park(t10, 2u, sg, nsgu, it, no, lid, ch, hv, j0);
+                park(t11, 3u, sg, nsgu, it, no, lid, ch, hv, j0);
             }
         }
     }

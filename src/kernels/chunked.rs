@@ -40,6 +40,9 @@ pub struct ChunkSpec {
     pub bv: u32,
     /// Output pass: value columns per workgroup.
     pub bvo: u32,
+    /// Cooperative-matrix output pass: columns of K per staged slice of exp(gc) ∘ q (`QKS`; divides
+    /// K, the whole K where it fits).
+    pub qks: u32,
     /// w/u pass: output columns per workgroup (divides K and V).
     pub bd: u32,
     /// Cooperative-matrix tile size of the `*_mma` passes, when they are used.
@@ -80,6 +83,7 @@ impl ChunkSpec {
             chunk,
             bv,
             bvo,
+            qks: k,
             bd,
             mma: None,
             out16: false,
@@ -92,21 +96,41 @@ impl ChunkSpec {
         }
     }
 
-    /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`): pf,
-    /// p16, zt, gcs and two words, in bytes.
-    pub fn output_mma_bytes(&self) -> u32 {
+    /// Workgroup memory of the cooperative-matrix output pass (`wgsl/chunk_output_mma.wgsl`) with
+    /// `tile` x `tile` matrices: pf (P, and a strip of 16 parked tiles), p16, qs, zt, gcs and `ctl`,
+    /// in bytes.
+    pub fn output_mma_bytes(&self, tile: u32) -> u32 {
         let c = self.chunk;
-        4 * c * c.max(self.bvo) + 2 * c * (c + 8) + 4 * 256 + 4 * 64 + 8
+        4 * (c * c).max(16 * tile * tile) + 2 * c * (c + 8) + 2 * c * (self.qks + 8) + 4 * 256 + 4 * 64 + 16
     }
 
     /// Whether the cooperative-matrix output pass runs these tiles with `tile` x `tile` matrices,
-    /// head dim `k` and `max_bytes` of workgroup memory.
-    pub fn output_mma_fits(&self, k: usize, tile: u32, max_bytes: u32) -> bool {
-        let (k, c) = (k as u32, self.chunk);
+    /// head dim `k`, `max_bytes` of workgroup memory and workgroups of at most `max_subgroups`
+    /// subgroups (its strip of parked tiles holds 16; 0: unknown, not run).
+    pub fn output_mma_fits(&self, k: usize, tile: u32, max_bytes: u32, max_subgroups: u32) -> bool {
+        let (k, c, qks) = (k as u32, self.chunk, self.qks);
         c.is_multiple_of(2 * tile)
-            && k.is_multiple_of(tile)
             && self.bvo.is_multiple_of(2 * tile)
-            && self.output_mma_bytes() <= max_bytes
+            && qks.is_multiple_of(tile)
+            && k.is_multiple_of(qks)
+            && c * qks <= 8 * 4 * WG
+            && (1..=16).contains(&max_subgroups)
+            && self.output_mma_bytes(tile) <= max_bytes
+    }
+
+    /// The cooperative-matrix output pass for head dims `k`, `v` on `caps` with `tile` x `tile`
+    /// matrices, if it fits: the whole V a workgroup (P once per chunk and key head), q staged in the
+    /// widest slices of K that fit.
+    fn with_output_mma(&self, k: usize, v: usize, tile: u32, caps: &Caps) -> Option<ChunkSpec> {
+        let max_subgroups = WG.checked_div(caps.subgroup_min).unwrap_or(0);
+        let mut on = ChunkSpec { bvo: v as u32, qks: k as u32, out16: true, ..*self };
+        while on.qks >= tile {
+            if on.output_mma_fits(k, tile, caps.max_workgroup_storage, max_subgroups) {
+                return Some(on);
+            }
+            on.qks /= 2;
+        }
+        None
     }
 
     /// The tiles and variants of a forward of `p` on `caps` made for `purpose`, decided here only: the
@@ -117,13 +141,9 @@ impl ChunkSpec {
         let mut spec = ChunkSpec::choose(chunk, p.dims.k, p.dims.v);
         spec.mma = spec.mma_for(p, caps);
         if let Some(t) = spec.mma {
-            let max = caps.max_workgroup_storage;
-            // The whole V per workgroup where it fits (P once per chunk and head), else the SIMT tiles'.
-            let whole = ChunkSpec { bvo: p.dims.v as u32, ..spec };
-            if whole.output_mma_fits(p.dims.k, t, max) {
-                spec.bvo = whole.bvo;
+            if let Some(on) = spec.with_output_mma(p.dims.k, p.dims.v, t, caps) {
+                spec = on;
             }
-            spec.out16 = spec.output_mma_fits(p.dims.k, t, max);
             let tiles = spec.chunk / t;
             spec.p_keep = spec.out16 && tiles * (tiles / 2) <= min_subgroups(caps);
         }
@@ -265,6 +285,7 @@ impl ChunkSpec {
                 ("HAS_H0", b(p.has_h0)),
                 ("BV", self.bv as f64),
                 ("BVO", self.bvo as f64),
+                ("QKS", self.qks as f64),
                 ("BD", self.bd as f64),
                 ("OUT16", b(self.out16)),
                 ("KEEP_F32", b(self.keep_f32)),
@@ -698,21 +719,28 @@ mod tests {
         assert_eq!((wk16, qk16), (0, 0));
     }
 
-    /// Where the cooperative-matrix output pass runs at K = V = 128: with Apple's 32 KiB and 8x8
-    /// tiles at every chunk size (64 value columns a workgroup); with NVIDIA's 48 KiB and 16x16 tiles
-    /// from chunk 32 (two column tiles a task), the whole V a workgroup.
+    /// Where the cooperative-matrix output pass runs at K = V = 128: with NVIDIA's 48 KiB and 16x16
+    /// tiles from chunk 32 (two column tiles a task), q staged whole; with Apple's 32 KiB and 8x8 tiles
+    /// at every chunk size, q staged in slices of 32 columns at chunk 64. Always the whole V a
+    /// workgroup; never with more than 16 subgroups (the strip of parked tiles).
     #[test]
     fn mma_output_fits() {
+        let caps = |tile, kib| coop_caps(tile, kib, &["f32"]);
+        let p = problem(1, 128, 32, 128, None);
         for c in [16, 32, 64] {
             let s = ChunkSpec::choose(c, 128, 128);
-            assert!(s.output_mma_fits(128, 8, 32 << 10), "{s:?}");
-            assert_eq!(s.output_mma_fits(128, 16, 32 << 10), c >= 32, "{s:?}");
-            let whole = ChunkSpec { bvo: 128, ..s };
-            assert!(!whole.output_mma_fits(128, 8, 32 << 10) || c < 64);
-            assert_eq!(whole.output_mma_fits(128, 16, 48 << 10), c >= 32);
+            let nv = s.with_output_mma(128, 128, 16, &caps(16, 48));
+            assert_eq!(nv.map(|o| (o.bvo, o.qks, o.out16)), (c >= 32).then_some((128, 128, true)), "{c}");
+            let apple = s.with_output_mma(128, 128, 8, &caps(8, 32)).unwrap();
+            assert_eq!((apple.bvo, apple.qks), (128, if c == 64 { 32 } else { 128 }), "{c}");
+            assert!(apple.output_mma_bytes(8) <= 32 << 10);
+            let narrow = Caps { subgroup_min: 8, ..caps(16, 48) }; // up to 32 subgroups
+            assert_eq!(s.with_output_mma(128, 128, 16, &narrow), None);
         }
-        assert_eq!(ChunkSpec::choose(64, 128, 128).output_mma_bytes(), 26888);
-        assert_eq!(ChunkSpec { bvo: 128, ..ChunkSpec::choose(64, 128, 128) }.output_mma_bytes(), 43272);
+        let s = ChunkSpec { qks: 128, ..ChunkSpec::choose(64, 128, 128) };
+        assert_eq!(s.output_mma_bytes(16), 44304);
+        assert_eq!(ChunkSpec { qks: 32, ..s }.output_mma_bytes(8), 32016);
+        assert_eq!(ChunkSpec::for_forward(64, &p, &caps(16, 48), ForwardPurpose::Inference).qks, 128);
     }
 
     /// The perf cases of issue #3 fit a 2 GiB binding and the grid limits.

@@ -279,7 +279,7 @@ fn record(
                 let grid = [d.h as u32 * (d.v as u32 / spec.bvo), cy, cz];
                 graph.dispatch(
                     &spec.key(Kernel::ChunkOutputMma, p),
-                    &[&pc, &info, &qk16, &gc, &h16, &vn16, o],
+                    &[&pc, &info, &qk16, &gc, &h16, &vn16, o, &qk16],
                     grid,
                 )?;
             } else {
