@@ -30,6 +30,7 @@
 
 // pf, p16, zt, gcs, ctl and qk16 (binding 2): chunk_mma_qk.wgsl.
 override FN: u32 = CH * CH;
+override QSN: u32 = 8u; // (qs of chunk_mma_qk.wgsl: not used here)
 override XS: u32 = V + 8u;                 // row stride of x16
 override XN: u32 = CH * XS;
 

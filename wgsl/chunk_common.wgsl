@@ -66,6 +66,7 @@ override HAS_H0: bool = false;
 override BV: u32 = 16u;      // state pass: value columns per workgroup (divides V)
 override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
 override QKS: u32 = 16u;     // cooperative-matrix output pass: columns of K per q slice
+override QIN: bool = false;  // cooperative-matrix output pass: q staged from the input (no pack pass)
 override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
 // The f16 operands of the cooperative-matrix output pass (chunk_output_mma.wgsl): q, k from
 // chunk_pack16.wgsl and chunk_wu.wgsl, S and v_new from chunk_state_mma.wgsl.

@@ -10,7 +10,10 @@ const MWG: u32 = 256u;
 override PS: u32 = CH + 8u;            // row stride of p16 (rows in different banks)
 override PN: u32 = CH * PS;
 
+override QX: u32 = QKS + 8u;           // row stride of qs
 var<workgroup> pf: array<f32, FN>;     // [C][C]: P (the kernel may reuse it after p16 is made)
+// [C][QX]: q staged by the output pass (QSN: its own size there, 16 bytes in the local pass).
+var<workgroup> qs: array<f16, QSN>;
 var<workgroup> p16: array<f16, PN>;    // [C][PS]: s P ∘ Γ
 var<workgroup> zt: array<f32, 256>;    // zeros: the accumulators' starting tile
 var<workgroup> gcs: array<f32, 64>;    // gc of the chunk's rows (0 past its end)
@@ -35,7 +38,8 @@ fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
 }
 
 // One task of P = Q K^T for the q plane at qb of qk16 (k^T, [K][C], at qb + C K): row tile and
-// column-tile pair t, accumulated into p0, p1 (one A tile feeds two products).
+// column-tile pair t, accumulated into p0, p1 (one A tile feeds two products). With QIN, q is the
+// whole K staged in qs instead (the output pass of an inference forward, PKEEP only).
 fn qk_task(qb: u32, t: u32, p0: ptr<function, MC>, p1: ptr<function, MC>) {
     let kb = qb + CH * K;
     let pt = CH / CT;
@@ -44,12 +48,22 @@ fn qk_task(qb: u32, t: u32, p0: ptr<function, MC>, p1: ptr<function, MC>) {
     // K^T: element (m, j) at kT[m * C + j], row-major (chunk_wu.wgsl writes it transposed: a
     // column-major load from global memory is slower). The next step's tiles are loaded before
     // this step's products (software pipelining).
-    var a = coopLoadT<MA>(&qk16[qb + i0 * K], K);
+    var a: MA;
+    if (QIN) {
+        a = coopLoadT<MA>(&qs[i0 * QX], QX);
+    } else {
+        a = coopLoadT<MA>(&qk16[qb + i0 * K], K);
+    }
     var b0 = coopLoadT<MB>(&qk16[kb + c0], CH);
     var b1 = coopLoadT<MB>(&qk16[kb + c0 + CT], CH);
     for (var m0 = 0u; m0 < K; m0 += CT) {
         let mn = min(m0 + CT, K - CT); // (the last step reloads its own tiles)
-        let na = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
+        var na: MA;
+        if (QIN) {
+            na = coopLoadT<MA>(&qs[i0 * QX + mn], QX);
+        } else {
+            na = coopLoadT<MA>(&qk16[qb + i0 * K + mn], K);
+        }
         let nb0 = coopLoadT<MB>(&qk16[kb + mn * CH + c0], CH);
         let nb1 = coopLoadT<MB>(&qk16[kb + mn * CH + c0 + CT], CH);
         *p0 = coopMultiplyAdd(a, b0, *p0);

@@ -4,11 +4,12 @@
 // Assembled after kernels::mma_header (f16 operands MA, MB; f32 accumulator MC; CT x CT tiles).
 // For f16/bf16 inputs, where the state walk runs on cooperative matrices too (OUT16).
 //
-// Operands come ready as f16 from the passes before (OUT16). The tiles of k, S and v_new are loaded
+// Operands come ready as f16 from the passes before (OUT16), q with QIN from the input. The tiles of
+// k, S and v_new are loaded
 // straight from global memory (a 16 x 16 tile is 16 rows of 32 bytes, and the tiles the workgroup's
 // subgroups share stay in cache); q is staged with its rows scaled (step 2).
-//   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl), then k^T as [K][C] (chunk_wu.wgsl); rows past the
-//                         chunk's end 0
+//   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl; not made with QIN), then k^T as [K][C]
+//                         (chunk_wu.wgsl); rows past the chunk's end 0
 //   h16  [slots, HV, K, V] S (chunk_state_mma.wgsl, slot as h_base)
 //   vn16 [L, HV, C, V]    v_new (chunk_state_mma.wgsl)
 // Output o [rows, HV, V] f32. Every product accumulates in f32.
@@ -24,6 +25,8 @@
 // Every workgroup variable is a multiple of 16 bytes (`ctl` packs the two words): the driver may lay
 // them out in any order, and a cooperative-matrix tile in workgroup memory must start 16-byte
 // aligned. With two loose u32 words p16 went wrong on the H100 (docs/PERF.md, R38).
+// With QIN (an inference forward, PKEEP, the whole K staged at once) q comes from the input itself,
+// staged once into qs for P, so no pack pass runs (docs/PERF.md, R78).
 // Per value head:
 //   1. P = Q K^T (C x C) -> pf (f32), kept from the first head with PKEEP.
 //   2. p16 = f16(P ∘ Γ), Γ_ij = exp(gc_i - gc_j) for j <= i < len, else 0; and qs = f16(exp(gc) ∘ Q),
@@ -43,28 +46,39 @@
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
 // qk16 again, as 4-half vectors: the q slices are staged 8 bytes a load.
 @group(0) @binding(7) var<storage, read> qk4: array<vec4<f16>>;
+// With QIN, q itself (f16/bf16, [rows, H, K]) as words, 4 halves a load: staged here instead of by a
+// pack pass.
+@group(0) @binding(8) var<storage, read> qin: array<vec2<u32>>;
 
 // pf (chunk_mma_qk.wgsl) holds P, then parked T tiles [CT][SK] (a tile per subgroup).
 override FN: u32 = max(CH * CH, 16u * CT * CT);
 override SK: u32 = FN / CT;                  // row stride of the parked tiles
-override QX: u32 = QKS + 8u;                 // row stride of qs
+override QSN: u32 = CH * QX;                 // qs (chunk_mma_qk.wgsl): [C][QX], one slice of K
 override NQV: u32 = CH * QKS / 4u;           // 4-half vectors per slice
 override NQT: u32 = (NQV + MWG - 1u) / MWG;  // of them per thread (<= 8)
-var<workgroup> qs: array<f16, CH * QX>;      // [C][QX]: exp(gc) ∘ q, one slice of K
 
-// Stages columns m0 .. m0 + QKS of exp(gc) ∘ q (q plane at qb of qk16) into qs; rows past len 0.
-// gcs holds gc of the chunk's rows. All loads are issued before the first store (docs/PERF.md, R18).
-fn stage_q(qb: u32, m0: u32, len: u32, lid: u32) {
-    var x: array<vec4<f16>, 8>;
+// Stages columns m0 .. m0 + QKS of q into qs, times exp(gc) where `scaled`; rows past len 0. q: the
+// plane at qb of qk16, or with QIN rows row0.. of key head hk of the input. gcs holds gc of the
+// chunk's rows. All loads are issued before the first store (docs/PERF.md, R18).
+fn stage_q(qb: u32, row0: u32, hk: u32, m0: u32, len: u32, lid: u32, scaled: bool) {
+    var x: array<vec4<f32>, 8>;
     for (var n = 0u; n < NQT; n++) {
         let e = min(lid + MWG * n, NQV - 1u);
-        x[n] = qk4[(qb + (e * 4u / QKS) * K + m0 + (e * 4u) % QKS) / 4u];
+        let i = e * 4u / QKS;
+        let m = m0 + (e * 4u) % QKS;
+        if (QIN) {
+            let w = qin[(((row0 + min(i, len - 1u)) * H + hk) * K + m) / 4u];
+            x[n] = vec4<f32>(decode(QKV_DT, w.x, 0u), decode(QKV_DT, w.x, 1u), decode(QKV_DT, w.y, 0u), decode(QKV_DT, w.y, 1u));
+        } else {
+            x[n] = vec4<f32>(qk4[(qb + i * K + m) / 4u]);
+        }
     }
     for (var n = 0u; n < NQT; n++) {
         let e = lid + MWG * n;
         if (e < NQV) {
             let i = e * 4u / QKS;
-            let y = vec4<f16>(select(vec4<f32>(0.0), vec4<f32>(x[n]) * exp(gcs[i]), i < len));
+            let f = select(1.0, exp(gcs[i]), scaled);
+            let y = vec4<f16>(select(vec4<f32>(0.0), x[n] * f, i < len));
             let at = i * QX + (e * 4u) % QKS;
             qs[at] = y.x;
             qs[at + 1u] = y.y;
@@ -131,6 +145,10 @@ fn main(
     let pc0 = (tp % (pt / 2u)) * 2u * CT;
     var p0: MC = coopLoadT<MC>(zp, CT);
     var p1: MC = coopLoadT<MC>(zp, CT);
+    if (QIN) { // (host-checked: with PKEEP, the whole K in qs)
+        stage_q(qb, ch.x, hk, 0u, ch.y, lid, false);
+        workgroupBarrier();
+    }
     if (PKEEP) {
         qk_task(qb, tp, &p0, &p1);
     }
@@ -163,7 +181,7 @@ fn main(
         let ro = (no + nsgu - 1u) / nsgu;
         let nks = K / QKS;
         if (nks == 1u) { // the whole K at once, for every round
-            stage_q(qb, 0u, ch.y, lid);
+            stage_q(qb, ch.x, hk, 0u, ch.y, lid, true);
             workgroupBarrier(); // also: p16 is complete, pf is free
         }
         for (var it = 0u; it < ro; it++) {
@@ -177,7 +195,7 @@ fn main(
             for (var ks = 0u; ks < nks; ks++) {
                 if (nks > 1u) {
                     workgroupBarrier(); // every subgroup is done with the previous slice
-                    stage_q(qb, ks * QKS, ch.y, lid);
+                    stage_q(qb, ch.x, hk, ks * QKS, ch.y, lid, true);
                     workgroupBarrier(); // also: p16 is complete, pf is free
                 }
                 // The next step's S tiles are loaded before this step's products (software

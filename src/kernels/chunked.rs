@@ -68,6 +68,9 @@ pub struct ChunkSpec {
     /// The cooperative-matrix output pass makes P once per key head and keeps it in registers for
     /// the head's value heads (`PKEEP`: each subgroup has one task of P).
     pub p_keep: bool,
+    /// The cooperative-matrix output pass stages q from the input itself, so an inference forward
+    /// runs no pack pass (`QIN`: with PKEEP and the whole K staged at once).
+    pub q_in: bool,
 }
 
 impl ChunkSpec {
@@ -93,6 +96,7 @@ impl ChunkSpec {
             a_slot: false,
             u16: false,
             p_keep: false,
+            q_in: false,
         }
     }
 
@@ -146,6 +150,9 @@ impl ChunkSpec {
             }
             let tiles = spec.chunk / t;
             spec.p_keep = spec.out16 && tiles * (tiles / 2) <= min_subgroups(caps);
+            // Only an inference forward: the training forward's backward and the stage tests read
+            // the q plane of qk16 that the pack pass makes.
+            spec.q_in = purpose == ForwardPurpose::Inference && spec.p_keep && spec.qks == p.dims.k as u32;
         }
         let stages = purpose == ForwardPurpose::Stages;
         spec.keep_f32 = purpose != ForwardPurpose::Inference || !spec.out16;
@@ -228,10 +235,11 @@ impl ChunkSpec {
     }
 
     /// Workgroup memory of the cooperative-matrix local pass (`wgsl/chunk_bwd_local_mma.wgsl`) with
-    /// chunk size C and value dim `v`: pf, p16, x16, zt, gcs and `ctl`, in bytes.
+    /// chunk size C and value dim `v`: pf, p16, x16, zt, gcs, `ctl` and the output pass's qs (16
+    /// bytes there), in bytes.
     pub fn bwd_local_mma_bytes(&self, v: usize) -> u32 {
         let (v, c) = (v as u32, self.chunk);
-        4 * c * c + 2 * c * (c + 8) + 2 * c * (v + 8) + 4 * 256 + 4 * 64 + 16
+        4 * c * c + 2 * c * (c + 8) + 2 * c * (v + 8) + 4 * 256 + 4 * 64 + 16 + 16
     }
 
     /// Whether the cooperative-matrix local pass runs with `tile` x `tile` matrices, head dims `k`,
@@ -286,6 +294,7 @@ impl ChunkSpec {
                 ("BV", self.bv as f64),
                 ("BVO", self.bvo as f64),
                 ("QKS", self.qks as f64),
+                ("QIN", b(self.q_in)),
                 ("BD", self.bd as f64),
                 ("OUT16", b(self.out16)),
                 ("KEEP_F32", b(self.keep_f32)),
@@ -697,8 +706,8 @@ mod tests {
         let p = problem(1, 256, 32, 128, None);
         assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_mma_bytes(128), 42000);
         let nv = ChunkSpec::for_backward(64, &p, &caps(16, 48));
-        // The local pass on cooperative matrices with it (out16): 44,304 bytes at C=64, V=128.
-        assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_local_mma_bytes(128), 44304);
+        // The local pass on cooperative matrices with it (out16): 44,320 bytes at C=64, V=128.
+        assert_eq!(ChunkSpec::choose(64, 128, 128).bwd_local_mma_bytes(128), 44320);
         assert_eq!((nv.mma, nv.w16, nv.wv32, nv.out16), (Some(16), true, false, true));
         assert_eq!(ChunkSpec::for_backward(64, &p, &caps(8, 32)).mma, None);
         let apple = ChunkSpec::for_backward(32, &p, &caps(8, 32));
@@ -740,7 +749,13 @@ mod tests {
         let s = ChunkSpec { qks: 128, ..ChunkSpec::choose(64, 128, 128) };
         assert_eq!(s.output_mma_bytes(16), 44304);
         assert_eq!(ChunkSpec { qks: 32, ..s }.output_mma_bytes(8), 32016);
-        assert_eq!(ChunkSpec::for_forward(64, &p, &caps(16, 48), ForwardPurpose::Inference).qks, 128);
+        let inf = ChunkSpec::for_forward(64, &p, &caps(16, 48), ForwardPurpose::Inference);
+        assert_eq!((inf.qks, inf.p_keep, inf.q_in), (128, true, true));
+        // q from the input only for an inference forward (the others read the pack pass's q plane),
+        // and only where q is staged whole (not with Apple's slices).
+        assert!(!ChunkSpec::for_forward(64, &p, &caps(16, 48), ForwardPurpose::Training).q_in);
+        assert!(!ChunkSpec::for_forward(64, &p, &caps(16, 48), ForwardPurpose::Stages).q_in);
+        assert!(!ChunkSpec::for_forward(64, &p, &caps(8, 32), ForwardPurpose::Inference).q_in);
     }
 
     /// The perf cases of issue #3 fit a 2 GiB binding and the grid limits.

@@ -229,7 +229,7 @@ impl Kernel {
             ],
             Kernel::ChunkOutput => &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite],
             // qk16, gc, h16, vn16 | o
-            Kernel::ChunkOutputMma => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read],
+            Kernel::ChunkOutputMma => &[Uniform, Read, Read, Read, Read, Read, ReadWrite, Read, Read],
             // q, k, gc, w, u, ck, do | vn, dvn
             Kernel::ChunkBwdLocal => &[Uniform, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
             // qk16, gc, wk16, u, ck, do | vn, dvn

@@ -257,7 +257,19 @@ fn record(
                 Some(_) => window_slice(&a, first, nl as u64, per_a),
                 None => a.as_entire_buffer_binding(),
             };
-            record_chunk_passes(graph, p, &spec, x, bufs, (ab, true), f16_bufs, set.q16, hv, kv, [cy, cz])?;
+            record_chunk_passes(
+                graph,
+                p,
+                &spec,
+                x,
+                bufs,
+                (ab, true),
+                f16_bufs,
+                set.q16 && !spec.q_in,
+                hv,
+                kv,
+                [cy, cz],
+            )?;
         }
         let hb = match states {
             Some(_) => window_slice(&h, first, nl as u64, per_state),
@@ -279,7 +291,7 @@ fn record(
                 let grid = [d.h as u32 * (d.v as u32 / spec.bvo), cy, cz];
                 graph.dispatch(
                     &spec.key(Kernel::ChunkOutputMma, p),
-                    &[&pc, &info, &qk16, &gc, &h16, &vn16, o, &qk16],
+                    &[&pc, &info, &qk16, &gc, &h16, &vn16, o, &qk16, &x.q.buffer],
                     grid,
                 )?;
             } else {
