@@ -5,9 +5,8 @@
 // For f16/bf16 inputs, where the state walk runs on cooperative matrices too (OUT16).
 //
 // Operands come ready as f16 from the passes before (OUT16), q with QIN from the input. The tiles of
-// k, S and v_new are loaded
-// straight from global memory (a 16 x 16 tile is 16 rows of 32 bytes, and the tiles the workgroup's
-// subgroups share stay in cache); q is staged with its rows scaled (step 2).
+// k, S and v_new are loaded straight from global memory (a 16 x 16 tile is 16 rows of 32 bytes, and
+// the tiles the workgroup's subgroups share stay in cache); q is staged with its rows scaled (step 2).
 //   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl; not made with QIN), then k^T as [K][C]
 //                         (chunk_wu.wgsl); rows past the chunk's end 0
 //   h16  [slots, HV, K, V] S (chunk_state_mma.wgsl, slot as h_base)
