@@ -187,7 +187,7 @@ impl ChunkSpec {
         ScratchSet {
             packed: self.w16,
             out16: self.out16,
-            q16: self.out16 || stages,
+            q16: (self.out16 && !self.q_in) || stages,
             f32_states: self.keep_f32,
             f32_wv: self.wv32,
             u16: self.u16,
@@ -416,7 +416,8 @@ pub struct ScratchSet {
     pub packed: bool,
     /// The cooperative-matrix output pass's f16 operands (`qk16`, `h16`, `vn16`).
     pub out16: bool,
-    /// q as f16 (`qk16`, made by `chunk_pack16.wgsl`): with `out16`, and in the stage tests.
+    /// q as f16 (`qk16`, made by `chunk_pack16.wgsl`): with `out16` unless the output pass stages q
+    /// from the input (`q_in`), and in the stage tests.
     pub q16: bool,
     /// S in f32 (`h`).
     pub f32_states: bool,

@@ -257,19 +257,7 @@ fn record(
                 Some(_) => window_slice(&a, first, nl as u64, per_a),
                 None => a.as_entire_buffer_binding(),
             };
-            record_chunk_passes(
-                graph,
-                p,
-                &spec,
-                x,
-                bufs,
-                (ab, true),
-                f16_bufs,
-                set.q16 && !spec.q_in,
-                hv,
-                kv,
-                [cy, cz],
-            )?;
+            record_chunk_passes(graph, p, &spec, x, bufs, (ab, true), f16_bufs, set.q16, hv, kv, [cy, cz])?;
         }
         let hb = match states {
             Some(_) => window_slice(&h, first, nl as u64, per_state),
