@@ -1,12 +1,22 @@
-// chunk_kkt_solve.wgsl — the in-chunk Gram product with its decay mask, and its unit-lower-
-// triangular inverse (FLA's chunk_scaled_dot_kkt + solve_tril, fused).
+// chunk_kkt_solve.wgsl — the chunk's gates, the in-chunk Gram product with its decay mask, and its
+// unit-lower-triangular inverse (FLA's chunk_local_cumsum, chunk_scaled_dot_kkt and solve_tril, fused).
 //
-// Per local chunk lc and key head hk (one workgroup), the Gram matrix G = K K^T (C x C, over the
-// chunk's keys) is computed once and shared by the GROUP value heads hv of hk. For each of them:
+// Per local chunk lc and key head hk (one workgroup), for each of the GROUP value heads hv of hk, the
+// gates (rows i < C):
+//     gc[lc, hv, i] = sum_{i' <= i, i' < len, live} logdecay(g[start + i', hv])
+//     bm[lc, hv, i] = beta[start + i, hv] if i < len and the token is live, else 0
+// logdecay(x) = x for the log gate, log(max(x, 1e-30)) for the linear gate (a decay of 0 becomes a
+// large negative log-decay, never -inf). A masked token is a step with decay 1 and beta 0 (SPEC 3):
+// its key then never reaches the state or another token's output. Rows i >= len repeat the last gc
+// and have bm = 0. Then the Gram matrix G = K K^T (C x C, over the chunk's keys) is computed once
+// and shared by the GROUP value heads. For each of them:
 //     N_ij = beta_i G_ij exp(gc_i - gc_j)      for j < i < len, else 0   (StrictLower, decay mask)
 //     A    = (I + N)^-1                          unit lower triangular
 // The exponent gc_i - gc_j <= 0 for j < i, so no factor overflows (strong decays underflow to 0).
-// Output a [L, HV, C, C] (rows i >= len are e_i).
+// Outputs gc, bm [L, HV, C]; a [L, HV, C, C] (rows i >= len are e_i). With SOLVE = false (a backward,
+// which reads the A its training forward saved) the gates only.
+// The gates were a pass of their own before (a thread per chunk and value head); made here, from loads
+// issued before the Gram product, they cost no pass of their own (docs/PERF.md, R79).
 //
 // Grid: (H, local chunks on y/z).
 // G: thread (ti, tj) owns a 4x4 block in registers; K-slices of BS columns are staged transposed
@@ -24,9 +34,14 @@
 // N is overwritten by A in place: step 2 for block row p reads N from row p and A from rows < p.
 
 @group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> gc: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> bm: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> gc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> bm: array<f32>;
 @group(0) @binding(5) var<storage, read_write> a: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> g: array<u32>;
+@group(0) @binding(7) var<storage, read> beta: array<u32>;
+
+// The Gram product and the inverse; false: the gates only (set per dispatch, not by ChunkSpec).
+override SOLVE: bool = true;
 
 const BS: u32 = 16u;   // K slice of the Gram product
 const CP: u32 = 17u;   // vec4s per row of the transposed slice: C / 4 <= 16, plus one
@@ -40,6 +55,10 @@ const NS4: u32 = 17u;
 // (C / NB - 1) blocks of NB x NB <= 192 vec4s), which keeps the pass within 22 KiB.
 var<workgroup> ks: array<vec4<f32>, BS * CP>;
 var<workgroup> na: array<vec4<f32>, 1088>;  // N, then A: row i at i * NS4 (C x 4 NS4 floats, C <= 64)
+// One value head's gates: its log-decays (0 past len and where masked), gc and bm, four rows a vector.
+var<workgroup> lg: array<vec4<f32>, 16>;
+var<workgroup> hg: array<vec4<f32>, 16>;
+var<workgroup> hm: array<vec4<f32>, 16>;
 
 // Element (i, j) of N/A.
 fn na_at(i: u32, j: u32) -> f32 {
@@ -70,22 +89,41 @@ fn fetch_k(m0: u32, lid: u32, ch: vec3<u32>, hk: u32) -> array<vec2<f32>, BS / 8
     return f;
 }
 
-// What a thread of the Gram tile needs of one value head: gc of its rows and columns, beta of its
-// rows (gc and bm are padded to C rows per head, so the reads stay in bounds for any tile).
-struct Head {
-    gi: vec4<f32>,
-    bi: vec4<f32>,
-    gj: vec4<f32>,
+fn ld_g(i: u32) -> f32 { return decode(G_DT, g[word_of(G_DT, i)], i); }
+fn ld_beta(i: u32) -> f32 { return decode(BETA_DT, beta[word_of(BETA_DT, i)], i); }
+
+fn log_decay(x: f32) -> f32 {
+    if (GATE_LINEAR) {
+        return log(max(x, 1e-30));
+    }
+    return x;
 }
 
-fn fetch_head(hv: u32, lc: u32, ti: u32, tj: u32) -> Head {
-    let hb4 = (lc * HV + hv) * (CH / 4u);
-    let q4 = CH / 4u;
-    var f: Head;
-    f.gi = gc[hb4 + min(ti, q4 - 1u)];
-    f.bi = bm[hb4 + min(ti, q4 - 1u)];
-    f.gj = gc[hb4 + min(tj, q4 - 1u)];
-    return f;
+// (log-decay, beta) of row i of chunk ch for value head hv: 0 past len and where masked.
+fn gate_raw(hv: u32, i: u32, ch: vec3<u32>) -> vec2<f32> {
+    let row = ch.x + min(i, ch.y - 1u);
+    let ok = i < ch.y && live(row);
+    let x = vec2<f32>(log_decay(ld_g(row * HV + hv)), ld_beta(row * HV + hv));
+    return select(vec2<f32>(0.0), x, ok);
+}
+
+// gc and bm of value head hv from its raw gates (thread i < C holds row i's in `raw`): into gc, bm
+// and the workgroup's hg, hm. gc_i sums whole vectors of lg, then the first i % 4 + 1 entries of its
+// own. The caller has made lg visible (a barrier after writing it).
+fn gates_out(raw: vec2<f32>, i: u32, lc: u32, hv: u32) {
+    var s = vec4<f32>(0.0);
+    for (var q = 0u; q < i / 4u; q++) {
+        s += lg[q];
+    }
+    let l = lg[i / 4u];
+    let r = i % 4u;
+    let own = l.x + select(0.0, l.y, r >= 1u) + select(0.0, l.z, r >= 2u) + select(0.0, l.w, r >= 3u);
+    let x = (s.x + s.y) + (s.z + s.w) + own;
+    let at = (lc * HV + hv) * CH + i;
+    gc[at] = x;
+    bm[at] = raw.y;
+    hg[i / 4u][r] = x;
+    hm[i / 4u][r] = raw.y;
 }
 
 @compute @workgroup_size(WG)
@@ -102,13 +140,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let ti = lid / q4;
     let tj = lid % q4;
     let in_tile = ti < q4;
-    var g: array<vec4<f32>, 4>;
+    var gm: array<vec4<f32>, 4>;
     for (var r = 0u; r < 4u; r++) {
-        g[r] = vec4<f32>(0.0);
+        gm[r] = vec4<f32>(0.0);
+    }
+    // The first head's raw gates are loaded before the Gram product, the next head's during the solve.
+    var raw = vec2<f32>(0.0);
+    if (lid < CH) {
+        raw = gate_raw(hk * GROUP, lid, ch);
     }
     var nx = fetch_k(0u, lid, ch, hk);
-    var hd = fetch_head(hk * GROUP, lc, ti, tj);
-    for (var m0 = 0u; m0 < K; m0 += BS) {
+    for (var m0 = 0u; m0 < select(0u, K, SOLVE); m0 += BS) {
         workgroupBarrier();
         for (var x = 0u; x < (CH * BS / 2u + WG - 1u) / WG; x++) {
             let e = min(lid + WG * x, CH * BS / 2u - 1u);
@@ -123,7 +165,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         if (in_tile) {
             for (var kk = 0u; kk < BS; kk++) {
-                outer4(&g, ks[kk * CP + ti], ks[kk * CP + tj]);
+                outer4(&gm, ks[kk * CP + ti], ks[kk * CP + tj]);
             }
         }
     }
@@ -133,17 +175,33 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let dcol = lid % NB;
     for (var gi = 0u; gi < GROUP; gi++) {
         let hv = hk * GROUP + gi;
+        // 0. The head's gates (the previous head is done with lg, hg, hm: barrier at the loop's end).
+        if (lid < CH) {
+            lg[lid / 4u][lid % 4u] = raw.x;
+        }
+        workgroupBarrier();
+        if (lid < CH) {
+            gates_out(raw, lid, lc, hv);
+            if (gi + 1u < GROUP) {
+                raw = gate_raw(hv + 1u, lid, ch);
+            }
+        }
+        workgroupBarrier();
+        if (!SOLVE) {
+            continue;
+        }
+
         // N into na (the previous head's A has been written out: barrier at the loop's end).
         if (in_tile) {
             let jv = vec4<u32>(0u, 1u, 2u, 3u) + tj * 4u;
+            let gj = hg[tj];
+            let gi4 = hg[ti];
+            let bi4 = hm[ti];
             for (var r = 0u; r < 4u; r++) {
                 let i = ti * 4u + r;
-                let n = hd.bi[r] * g[r] * exp(hd.gi[r] - hd.gj);
+                let n = bi4[r] * gm[r] * exp(gi4[r] - gj);
                 na[i * NS4 + tj] = select(vec4<f32>(0.0), n, jv < vec4<u32>(i));
             }
-        }
-        if (gi + 1u < GROUP) {
-            hd = fetch_head(hv + 1u, lc, ti, tj);
         }
         workgroupBarrier();
 

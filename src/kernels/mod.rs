@@ -29,7 +29,6 @@ pub mod src {
     pub const RECURRENT_COMMON: &str = include_str!("../../wgsl/recurrent_common.wgsl");
     pub const RECURRENT_FWD: &str = include_str!("../../wgsl/recurrent_fwd.wgsl");
     pub const CHUNK_COMMON: &str = include_str!("../../wgsl/chunk_common.wgsl");
-    pub const CHUNK_CUMSUM: &str = include_str!("../../wgsl/chunk_cumsum.wgsl");
     pub const CHUNK_KKT_SOLVE: &str = include_str!("../../wgsl/chunk_kkt_solve.wgsl");
     pub const CHUNK_WU: &str = include_str!("../../wgsl/chunk_wu.wgsl");
     pub const CHUNK_PACK16: &str = include_str!("../../wgsl/chunk_pack16.wgsl");
@@ -63,9 +62,8 @@ pub mod src {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     RecurrentFwd,
-    /// Chunked forward, step 1: in-chunk cumulative log-decay.
-    ChunkCumsum,
-    /// Chunked forward, step 2: K K^T with its decay mask, and A = (I + N)^-1.
+    /// Chunked forward, steps 1-2: the in-chunk cumulative log-decay, K K^T with its decay mask, and
+    /// A = (I + N)^-1 (the gates only with `SOLVE` = false, for a backward).
     ChunkKktSolve,
     /// Chunked forward, step 3: w = A (beta exp(gc) K), u = A (beta V).
     ChunkWu,
@@ -132,11 +130,10 @@ pub enum Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::RecurrentFwd,
         Kernel::RecurrentBwd,
         Kernel::ReducePartials,
-        Kernel::ChunkCumsum,
         Kernel::ChunkKktSolve,
         Kernel::ChunkWu,
         Kernel::ChunkPack16,
@@ -157,7 +154,6 @@ impl Kernel {
     pub fn label(self) -> &'static str {
         match self {
             Kernel::RecurrentFwd => "wgdelta.recurrent.fwd",
-            Kernel::ChunkCumsum => "wgdelta.chunk.cumsum",
             Kernel::ChunkKktSolve => "wgdelta.chunk.kkt_solve",
             Kernel::ChunkWu => "wgdelta.chunk.wu",
             Kernel::ChunkPack16 => "wgdelta.chunk.pack16",
@@ -180,7 +176,6 @@ impl Kernel {
     pub fn body(self) -> &'static str {
         match self {
             Kernel::RecurrentFwd => src::RECURRENT_FWD,
-            Kernel::ChunkCumsum => src::CHUNK_CUMSUM,
             Kernel::ChunkKktSolve => src::CHUNK_KKT_SOLVE,
             Kernel::ChunkWu => src::CHUNK_WU,
             Kernel::ChunkPack16 => src::CHUNK_PACK16,
@@ -213,8 +208,8 @@ impl Kernel {
             }
             Kernel::ReducePartials => &[Uniform, Read, ReadWrite],
             // Chunked passes: params, chunk table, then the pass's own buffers (see its WGSL).
-            Kernel::ChunkCumsum => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
-            Kernel::ChunkKktSolve => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            // k | gc, bm, a | g, beta
+            Kernel::ChunkKktSolve => &[Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite, Read, Read],
             // k, v, gc, bm, a | w, u, wk16, qk16
             Kernel::ChunkWu => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite]
@@ -274,8 +269,7 @@ impl Kernel {
     pub fn chunked(self) -> bool {
         matches!(
             self,
-            Kernel::ChunkCumsum
-                | Kernel::ChunkKktSolve
+            Kernel::ChunkKktSolve
                 | Kernel::ChunkWu
                 | Kernel::ChunkPack16
                 | Kernel::ChunkState
@@ -421,6 +415,12 @@ impl PipelineKey {
         self
     }
     /// The same key with `tile` x `tile` cooperative matrices.
+    /// The key with one more override constant (kept sorted, as [`PipelineKey::new`] keeps them).
+    pub fn with_constant(self, name: &'static str, value: f64) -> Self {
+        let mut c = self.constants_f64();
+        c.push((name, value));
+        PipelineKey { constants: PipelineKey::new(self.kernel, self.reduce, c).constants, ..self }
+    }
     pub fn with_mma(mut self, tile: u32) -> Self {
         self.mma = Some(tile);
         self

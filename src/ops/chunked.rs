@@ -1,5 +1,5 @@
 //! Chunked forward (SPEC section 5, the WY/UT form of flash-linear-attention's `chunk.py`): per
-//! window of chunks, `cumsum -> kkt_solve -> wu -> state -> output`, all recorded into one graph and
+//! window of chunks, `kkt_solve -> wu -> state -> output`, all recorded into one graph and
 //! submitted once.
 //!
 //! Scalar gate, both gate spaces and state layouts, GQA, h0/ht, scale, cu_seqlens and masks (a
@@ -407,9 +407,9 @@ pub(crate) fn window_slice(states: &wgpu::Buffer, first: u64, n: u64, per: u64) 
     wgpu::BufferBinding { buffer: states, offset: first * per, size: std::num::NonZeroU64::new(size) }
 }
 
-/// Records the passes before the state walk: cumsum, kkt_solve (unless `solve` is false: a backward
-/// reads the A its training forward saved, bound as `a`), wu, and with `q16` the pack pass (q as f16
-/// in plane 0 of `qk16`). `wk16`, `qk16`: where the w/u pass writes the f16 operands under
+/// Records the passes before the state walk: kkt_solve (the gates, and unless `solve` is false A: a
+/// backward reads the A its training forward saved, bound as `a`), wu, and with `q16` the pack pass
+/// (q as f16 in plane 0 of `qk16`). `wk16`, `qk16`: where the w/u pass writes the f16 operands under
 /// `spec.w16` (bound, untouched, without).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_chunk_passes(
@@ -425,18 +425,12 @@ pub(crate) fn record_chunk_passes(
     kv: u32,
     [cy, cz]: [u32; 2],
 ) -> Result<()> {
-    graph.dispatch(
-        &spec.key(Kernel::ChunkCumsum, p),
-        &[pc, info, &x.g.buffer, &x.beta.buffer, gc, bm],
-        [hv.div_ceil(WG), cy, cz],
+    let (g, beta) = (&x.g.buffer, &x.beta.buffer);
+    graph.dispatch_ranges(
+        &spec.key(Kernel::ChunkKktSolve, p).with_constant("SOLVE", if solve { 1.0 } else { 0.0 }),
+        &[whole(pc), whole(info), whole(&x.k.buffer), whole(gc), whole(bm), a.clone(), whole(g), whole(beta)],
+        [p.dims.h as u32, cy, cz],
     )?;
-    if solve {
-        graph.dispatch_ranges(
-            &spec.key(Kernel::ChunkKktSolve, p),
-            &[whole(pc), whole(info), whole(&x.k.buffer), whole(gc), whole(bm), a.clone()],
-            [p.dims.h as u32, cy, cz],
-        )?;
-    }
     let k = &x.k.buffer;
     graph.dispatch_ranges(
         &spec.key(Kernel::ChunkWu, p),
