@@ -43,46 +43,52 @@
 @group(0) @binding(4) var<storage, read> h16: array<f16>;
 @group(0) @binding(5) var<storage, read> vn16: array<f16>;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
-// qk16 again, as 4-half vectors: the q slices are staged 8 bytes a load.
-@group(0) @binding(7) var<storage, read> qk4: array<vec4<f16>>;
-// With QIN, q itself (f16/bf16, [rows, H, K]) as words, 4 halves a load: staged here instead of by a
+// qk16 again, 8 halves (16 bytes) an element: the q slices are staged 16 bytes a load.
+@group(0) @binding(7) var<storage, read> qk8: array<mat2x4<f16>>;
+// With QIN, q itself (f16/bf16, [rows, H, K]) as words, 8 halves a load: staged here instead of by a
 // pack pass.
-@group(0) @binding(8) var<storage, read> qin: array<vec2<u32>>;
+@group(0) @binding(8) var<storage, read> qin: array<vec4<u32>>;
 
 // pf (chunk_mma_qk.wgsl) holds P, then parked T tiles [CT][SK] (a tile per subgroup).
 override FN: u32 = max(CH * CH, 16u * CT * CT);
 override SK: u32 = FN / CT;                  // row stride of the parked tiles
 override QSN: u32 = CH * QX;                 // qs (chunk_mma_qk.wgsl): [C][QX], one slice of K
-override NQV: u32 = CH * QKS / 4u;           // 4-half vectors per slice
-override NQT: u32 = (NQV + MWG - 1u) / MWG;  // of them per thread (<= 8)
+override NQV: u32 = CH * QKS / 8u;           // 8-half pieces per slice
+override NQT: u32 = (NQV + MWG - 1u) / MWG;  // of them per thread (<= 4)
 
 // Stages columns m0 .. m0 + QKS of q into qs, times exp(gc) where `scaled`; rows past len 0. q: the
 // plane at qb of qk16, or with QIN rows row0.. of key head hk of the input. gcs holds gc of the
-// chunk's rows. All loads are issued before the first store (docs/PERF.md, R18).
+// chunk's rows. All loads are issued before the first store (docs/PERF.md, R18), 16 bytes each
+// (R79).
 fn stage_q(qb: u32, row0: u32, hk: u32, m0: u32, len: u32, lid: u32, scaled: bool) {
-    var x: array<vec4<f32>, 8>;
+    var x: array<array<vec4<f32>, 2>, 4>;
     for (var n = 0u; n < NQT; n++) {
         let e = min(lid + MWG * n, NQV - 1u);
-        let i = e * 4u / QKS;
-        let m = m0 + (e * 4u) % QKS;
+        let i = e * 8u / QKS;
+        let m = m0 + (e * 8u) % QKS;
         if (QIN) {
-            let w = qin[(((row0 + min(i, len - 1u)) * H + hk) * K + m) / 4u];
-            x[n] = vec4<f32>(decode(QKV_DT, w.x, 0u), decode(QKV_DT, w.x, 1u), decode(QKV_DT, w.y, 0u), decode(QKV_DT, w.y, 1u));
+            let w = qin[(((row0 + min(i, len - 1u)) * H + hk) * K + m) / 8u];
+            x[n][0] = vec4<f32>(decode(QKV_DT, w.x, 0u), decode(QKV_DT, w.x, 1u), decode(QKV_DT, w.y, 0u), decode(QKV_DT, w.y, 1u));
+            x[n][1] = vec4<f32>(decode(QKV_DT, w.z, 0u), decode(QKV_DT, w.z, 1u), decode(QKV_DT, w.w, 0u), decode(QKV_DT, w.w, 1u));
         } else {
-            x[n] = vec4<f32>(qk4[(qb + i * K + m) / 4u]);
+            let q8 = qk8[(qb + i * K + m) / 8u];
+            x[n][0] = vec4<f32>(q8[0]);
+            x[n][1] = vec4<f32>(q8[1]);
         }
     }
     for (var n = 0u; n < NQT; n++) {
         let e = lid + MWG * n;
         if (e < NQV) {
-            let i = e * 4u / QKS;
+            let i = e * 8u / QKS;
             let f = select(1.0, exp(gcs[i]), scaled);
-            let y = vec4<f16>(select(vec4<f32>(0.0), x[n] * f, i < len));
-            let at = i * QX + (e * 4u) % QKS;
-            qs[at] = y.x;
-            qs[at + 1u] = y.y;
-            qs[at + 2u] = y.z;
-            qs[at + 3u] = y.w;
+            let at = i * QX + (e * 8u) % QKS;
+            for (var hf = 0u; hf < 2u; hf++) {
+                let y = vec4<f16>(select(vec4<f32>(0.0), x[n][hf] * f, i < len));
+                qs[at + 4u * hf] = y.x;
+                qs[at + 4u * hf + 1u] = y.y;
+                qs[at + 4u * hf + 2u] = y.z;
+                qs[at + 4u * hf + 3u] = y.w;
+            }
         }
     }
 }
