@@ -30,9 +30,9 @@
 // Host-checked (ChunkSpec::for_backward): the forward walk's ChunkSpec::mma_fits (C * K <= 4 * 8 *
 // MWG, MWG divides C * BV, C * BV / MWG <= 4, C, K, BV multiples of CT) and ChunkSpec::bwd_mma_bytes.
 
-@group(0) @binding(2) var<storage, read> qk16: array<mat2x4<f16>>; // 8 halves (16 bytes) an element
+@group(0) @binding(2) var<storage, read> qk16: array<vec4<f16>>;
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
-@group(0) @binding(4) var<storage, read> wk16: array<mat2x4<f16>>;
+@group(0) @binding(4) var<storage, read> wk16: array<vec4<f16>>;
 @group(0) @binding(5) var<storage, read> dout: array<u32>;
 @group(0) @binding(6) var<storage, read> dht: array<u32>;
 @group(0) @binding(7) var<storage, read_write> dvn: array<f32>;
@@ -60,9 +60,9 @@ fn ld_do(i: u32, row: u32) -> f32 { return select(0.0, decode(DO_DT, dout[word_o
 // What a step reads from global memory, for one thread: its vectors of the chunk's K ∘ fac, -w
 // and q, its share of dvn and of scale exp(gc) ∘ do, and gc_last.
 struct Fetched {
-    k: array<mat2x4<f16>, 4>,
-    w: array<mat2x4<f16>, 4>,
-    q: array<mat2x4<f16>, 4>,
+    k: array<vec4<f16>, 8>,
+    w: array<vec4<f16>, 8>,
+    q: array<vec4<f16>, 8>,
     dv: array<f32, 4>,
     dq: array<f32, 4>,
     gl: f32,
@@ -73,12 +73,12 @@ struct Fetched {
 fn fetch(lc: u32, lid: u32, hv: u32, j0: u32, f: ptr<function, Fetched>) {
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
-    let pw = (lc * HV + hv) * 2u * NW8;
-    let pq = (lc * H + hv / GROUP) * 2u * NW8;
+    let pw = (lc * HV + hv) * 2u * NW4;
+    let pq = (lc * H + hv / GROUP) * 2u * NW4;
     for (var x = 0u; x < NQ; x++) {
-        let e = min(lid + MWG * x, NW8 - 1u); // (a clamped vector is loaded but not stored)
+        let e = min(lid + MWG * x, NW4 - 1u); // (a clamped vector is loaded but not stored)
         (*f).w[x] = wk16[pw + e];
-        (*f).k[x] = wk16[pw + NW8 + e];
+        (*f).k[x] = wk16[pw + NW4 + e];
         (*f).q[x] = qk16[pq + e];
     }
     for (var x = 0u; x < NVR; x++) {

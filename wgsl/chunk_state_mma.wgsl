@@ -10,7 +10,7 @@
 // f32, so the state itself never loses precision between chunks; this is the precision of FLA's
 // kernel for f16/bf16 inputs and is used for those only (f32 inputs take chunk_state.wgsl).
 // The f16 operands -w and K ∘ fac (fac_i = exp(gc_last - gc_i)) come ready from chunk_wu.wgsl (W16)
-// (`wk16`), so a step only copies them: each thread moves a few 8-half vectors per operand,
+// (`wk16`), so a step only copies them: each thread moves a few 4-half vectors per operand,
 // with no decoding, exponentials or conversions on the sequential path.
 //
 // One workgroup per (sequence, value head, BV value columns), MWG threads in subgroups; each
@@ -31,12 +31,12 @@
 // Rows of xs and s16 are padded by 8 halves (16 bytes) so a tile's rows fall in different banks.
 // In steps 2 and 4 every round of tiles is read before any is written (a subgroup with no tile
 // left repeats the last one, which must not see it half updated).
-// Host-checked (ChunkSpec::mma_fits): C * K <= 8 * 4 * MWG and, without U16, MWG divides C * BV and
+// Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG and, without U16, MWG divides C * BV and
 // C * BV / MWG <= 4.
 
-@group(0) @binding(4) var<storage, read> wk: array<mat2x4<f16>>; // wk16 of chunk_common.wgsl, 8 halves (16 bytes) an element
+@group(0) @binding(4) var<storage, read> wk: array<vec4<f16>>; // wk16 of chunk_common.wgsl
 // With OUT16, S and v_new in f16 for chunk_output_mma.wgsl (f32 h only with KEEP_F32, vn with WV32).
-@group(0) @binding(10) var<storage, read_write> h16: array<mat2x4<f16>>; // 8 halves an element (V, BV, offsets: multiples of 8)
+@group(0) @binding(10) var<storage, read_write> h16: array<vec4<f16>>; // (V, BV, offsets: multiples of 4)
 @group(0) @binding(11) var<storage, read_write> vn16: array<f16>;
 // u as f16 (U16): the buffer of binding 5, which the host binds here as well.
 @group(0) @binding(12) var<storage, read> u16: array<f16>;
@@ -63,8 +63,8 @@ var<workgroup> ih: array<f16, IHN>;
 // What a step reads from global memory, for one thread: its words of the chunk's -w and K ∘ fac,
 // its share of u, and gc_last.
 struct Fetched {
-    w: array<mat2x4<f16>, 4>,
-    k: array<mat2x4<f16>, 4>,
+    w: array<vec4<f16>, 8>,
+    k: array<vec4<f16>, 8>,
     u: array<f32, 4>,
     gl: f32,
 }
@@ -74,11 +74,11 @@ struct Fetched {
 fn fetch(lc: u32, lid: u32, hv: u32, j0: u32, f: ptr<function, Fetched>) {
     let ch = chunk_at(lc);
     let hb = (lc * HV + hv) * CH;
-    let pw = (lc * HV + hv) * 2u * NW8;
+    let pw = (lc * HV + hv) * 2u * NW4;
     for (var x = 0u; x < NQ; x++) {
-        let e = min(lid + MWG * x, NW8 - 1u); // (a clamped vector is loaded but not stored)
+        let e = min(lid + MWG * x, NW4 - 1u); // (a clamped vector is loaded but not stored)
         (*f).w[x] = wk[pw + e];
-        (*f).k[x] = wk[pw + NW8 + e];
+        (*f).k[x] = wk[pw + NW4 + e];
     }
     for (var x = 0u; x < NVR; x++) {
         let e = lid + MWG * x;
@@ -143,27 +143,24 @@ fn main(
         let hb = (lc * HV + hv) * CH;
         let gl = nx.gl;
         let hbase = h_base(lc, hv) + j0;
-        // Eight adjacent columns a thread: one 16-byte store of h16 instead of eight 2-byte ones
-        // (four a thread with one 8-byte store: docs/PERF.md R76, R79).
-        for (var e = 8u * lid; e < K * BV; e += 8u * MWG) {
-            let x0 = vec4<f32>(s32[e], s32[e + 1u], s32[e + 2u], s32[e + 3u]);
-            let x1 = vec4<f32>(s32[e + 4u], s32[e + 5u], s32[e + 6u], s32[e + 7u]);
+        // Four adjacent columns a thread: one 8-byte store of h16 instead of four 2-byte ones.
+        for (var e = 4u * lid; e < K * BV; e += 4u * MWG) {
+            let x = vec4<f32>(s32[e], s32[e + 1u], s32[e + 2u], s32[e + 3u]);
             let at = hbase + (e / BV) * V + e % BV;
             if (KEEP_F32) {
-                for (var c = 0u; c < 4u; c++) {
-                    h[at + c] = x0[c];
-                    h[at + 4u + c] = x1[c];
-                }
+                h[at] = x.x;
+                h[at + 1u] = x.y;
+                h[at + 2u] = x.z;
+                h[at + 3u] = x.w;
             }
-            let y0 = vec4<f16>(x0);
-            let y1 = vec4<f16>(x1);
+            let y = vec4<f16>(x);
             let sp = (e / BV) * SB + e % BV;
-            for (var c = 0u; c < 4u; c++) {
-                s16[sp + c] = y0[c];
-                s16[sp + 4u + c] = y1[c];
-            }
+            s16[sp] = y.x;
+            s16[sp + 1u] = y.y;
+            s16[sp + 2u] = y.z;
+            s16[sp + 3u] = y.w;
             if (OUT16) {
-                h16[at / 8u] = mat2x4<f16>(y0, y1);
+                h16[at / 4u] = y;
             }
         }
         stage(nx.w, lid); // -w: rows past the chunk's end are 0
