@@ -2,8 +2,8 @@
 // chunk_common.wgsl. The math is that of src/reference/chunked_backward.rs; per pass, see its file.
 //
 // The backward runs over windows of its own, last first. Per window it first recomputes the forward's
-// gc, bm, w, u (chunk_cumsum, chunk_wu), from the A the training forward's chunk_kkt_solve saved
-// (A_SLOT, [G, HV, C, C]), reads the state at the start of each chunk from the saved states `ck` (the
+// gc, bm, w, u (chunk_kkt_solve with SOLVE = false: the gates only; chunk_wu), from the A the training
+// forward's chunk_kkt_solve saved (A_SLOT, [G, HV, C, C]), reads the state at the start of each chunk from the saved states `ck` (the
 // chunked training forward's per-chunk states, in the canonical [G, HV, K, V] layout of
 // chunk_common.wgsl), then:
 //   chunk_bwd_local   v_new = u - w h;  dvn = P^T do                 (P = scale QK^T ∘ Γ, causal)
