@@ -3,9 +3,9 @@
 //
 // The backward runs over windows of its own, last first. Per window it first recomputes the forward's
 // gc, bm, w, u (chunk_kkt_solve with SOLVE = false: the gates only; chunk_wu), from the A the training
-// forward's chunk_kkt_solve saved (A_SLOT, [G, HV, C, C]), reads the state at the start of each chunk from the saved states `ck` (the
-// chunked training forward's per-chunk states, in the canonical [G, HV, K, V] layout of
-// chunk_common.wgsl), then:
+// forward's chunk_kkt_solve saved (A_SLOT, [G, HV, C, C]), reads the state at the start of each chunk
+// from the saved states `ck` (the chunked training forward's per-chunk states, in the canonical
+// [G, HV, K, V] layout of chunk_common.wgsl), then:
 //   chunk_bwd_local   v_new = u - w h;  dvn = P^T do                 (P = scale QK^T ∘ Γ, causal)
 //   chunk_bwd_state   reverse walk: dh = dS; dvn += Kd dS; dS = e^{gc_last} dS + Qg^T do - w^T dvn
 //   chunk_bwd_dqkwg   dq, dk (per value head), dw, and the gate gradient's terms dgc
