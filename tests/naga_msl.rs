@@ -114,6 +114,11 @@ fn chunked_keys(kernel: Kernel) -> Vec<(String, PipelineKey)> {
             } else {
                 spec.key(kernel, &p)
             };
+            if kernel == Kernel::ChunkKktSolve {
+                // A backward's gates-only dispatch (the constant the dispatch adds to the key).
+                let gates = key.clone().with_constant("SOLVE", 0.0);
+                out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?} SOLVE=false"), gates));
+            }
             out.push((format!("K={k} V={v} chunk={chunk} {dt} {spec:?}"), key));
         }
     }
