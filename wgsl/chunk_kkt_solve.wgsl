@@ -15,8 +15,10 @@
 // The exponent gc_i - gc_j <= 0 for j < i, so no factor overflows (strong decays underflow to 0).
 // Outputs gc, bm [L, HV, C]; a [L, HV, C, C] (rows i >= len are e_i). With SOLVE = false (a backward,
 // which reads the A its training forward saved) the gates only.
-// The gates were a pass of their own before (a thread per chunk and value head); made here, from loads
-// issued before the Gram product, they cost no pass of their own (docs/PERF.md, R79).
+// The gates were a pass of their own before (a thread per chunk and value head). Here threads C .. 2C
+// make them: the first head's after the Gram product (from loads issued before it), each next head's
+// while the diagonal blocks of the one before are solved, where those threads are idle (docs/PERF.md,
+// R79).
 //
 // Grid: (H, local chunks on y/z).
 // G: thread (ti, tj) owns a 4x4 block in registers; K-slices of BS columns are staged transposed
@@ -107,7 +109,7 @@ fn gate_raw(hv: u32, i: u32, ch: vec3<u32>) -> vec2<f32> {
     return select(vec2<f32>(0.0), x, ok);
 }
 
-// gc and bm of value head hv from its raw gates (thread i < C holds row i's in `raw`): into gc, bm
+// gc and bm of value head hv from its raw gates (gate thread i < C holds row i's in `raw`): into gc, bm
 // and the workgroup's hg, hm. gc_i sums whole vectors of lg, then the first i % 4 + 1 entries of its
 // own. The caller has made lg visible (a barrier after writing it).
 fn gates_out(raw: vec2<f32>, i: u32, lc: u32, hv: u32) {
@@ -124,6 +126,24 @@ fn gates_out(raw: vec2<f32>, i: u32, lc: u32, hv: u32) {
     bm[at] = raw.y;
     hg[i / 4u][r] = x;
     hm[i / 4u][r] = raw.y;
+}
+
+// Head hv's gates, start to end (two barriers): lg from the gate threads' `raw`, then gates_out. Returns
+// the gate thread's raw gates of head hv + 1 where `next` (loaded here), else `raw`.
+fn gates_of(raw: vec2<f32>, hv: u32, gate: bool, gt: u32, lc: u32, ch: vec3<u32>, next: bool) -> vec2<f32> {
+    var r = raw;
+    if (gate) {
+        lg[gt / 4u][gt % 4u] = raw.x;
+    }
+    workgroupBarrier();
+    if (gate) {
+        gates_out(raw, gt, lc, hv);
+        if (next) {
+            r = gate_raw(hv + 1u, gt, ch);
+        }
+    }
+    workgroupBarrier();
+    return r;
 }
 
 @compute @workgroup_size(WG)
@@ -144,10 +164,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var r = 0u; r < 4u; r++) {
         gm[r] = vec4<f32>(0.0);
     }
-    // The first head's raw gates are loaded before the Gram product, the next head's during the solve.
+    // The gates: thread C + i takes row i (2 C <= WG). Those threads are idle in the solve's step 1,
+    // where they make the next head's gates, so a head costs no barrier of its own. The first head's
+    // raw gates are loaded before the Gram product, each next head's a head ahead.
+    let gate = lid >= CH && lid < 2u * CH;
+    let gt = lid - CH; // (used by gate threads only)
     var raw = vec2<f32>(0.0);
-    if (lid < CH) {
-        raw = gate_raw(hk * GROUP, lid, ch);
+    if (gate) {
+        raw = gate_raw(hk * GROUP, gt, ch);
     }
     var nx = fetch_k(0u, lid, ch, hk);
     for (var m0 = 0u; m0 < select(0u, K, SOLVE); m0 += BS) {
@@ -173,24 +197,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let nb = CH / NB;
     let db = lid / NB; // step 1: diagonal block and column of this thread
     let dcol = lid % NB;
+    raw = gates_of(raw, hk * GROUP, gate, gt, lc, ch, GROUP > 1u);
+    if (!SOLVE) { // a backward (it reads the saved A): the other heads' gates, one after the other
+        for (var gi = 1u; gi < GROUP; gi++) {
+            raw = gates_of(raw, hk * GROUP + gi, gate, gt, lc, ch, gi + 1u < GROUP);
+        }
+        return;
+    }
     for (var gi = 0u; gi < GROUP; gi++) {
         let hv = hk * GROUP + gi;
-        // 0. The head's gates (the previous head is done with lg, hg, hm: barrier at the loop's end).
-        if (lid < CH) {
-            lg[lid / 4u][lid % 4u] = raw.x;
-        }
-        workgroupBarrier();
-        if (lid < CH) {
-            gates_out(raw, lid, lc, hv);
-            if (gi + 1u < GROUP) {
-                raw = gate_raw(hv + 1u, lid, ch);
-            }
-        }
-        workgroupBarrier();
-        if (!SOLVE) {
-            continue;
-        }
-
+        let more = gi + 1u < GROUP;
         // N into na (the previous head's A has been written out: barrier at the loop's end).
         if (in_tile) {
             let jv = vec4<u32>(0u, 1u, 2u, 3u) + tj * 4u;
@@ -202,6 +218,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 let n = bi4[r] * gm[r] * exp(gi4[r] - gj);
                 na[i * NS4 + tj] = select(vec4<f32>(0.0), n, jv < vec4<u32>(i));
             }
+        }
+        if (gate && more) {
+            lg[gt / 4u][gt % 4u] = raw.x; // the next head's log-decays (this head is done with hg, hm)
         }
         workgroupBarrier();
 
@@ -219,6 +238,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 for (var r = q + 1u; r < NB; r++) {
                     x[r] -= na_at(r0 + r, r0 + q) * xq;
                 }
+            }
+        }
+        if (gate && more) { // (threads C .. 2 C: no diagonal block)
+            gates_out(raw, gt, lc, hv + 1u);
+            if (gi + 2u < GROUP) {
+                raw = gate_raw(hv + 2u, gt, ch);
             }
         }
         workgroupBarrier();
