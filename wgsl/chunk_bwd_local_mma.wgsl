@@ -60,7 +60,7 @@ fn main(
     let nsgu = cu.x;
     let sb = (cu.y * HV + hv) * K * V; // the saved state (its window slice of ck)
     let zp = &zt[0];
-    let qb = (lc * H + hk) * 2u * CH * K; // q; k follows at + C * K
+    let qb = (lc * H + hk) * QPL * CH * K; // q (not with QIN); k^T is the last plane
     let wb = (lc * HV + hv) * 2u * CH * K; // -w (plane 0 of wk16)
     let pt = CH / CT;
 

@@ -12,7 +12,8 @@
 //   h      [L, HV, K, V]   state at the start of the chunk (kv order)
 //   wk16   [L, HV, 2, C, K] f16, two to a u32 word: -w, then K ∘ exp(gc_last - gc) (rows i >= len
 //                          zero): the operands of chunk_state_mma.wgsl (chunk_wu.wgsl, W16)
-//   qk16   [L, H, 2, C, K]  f16: q [C][K], then k^T [K][C] (rows i >= len zero)  } OUT16: operands of
+//   qk16   [L, H, QPL, C, K] f16: q [C][K], then k^T [K][C] (rows i >= len zero; } OUT16: operands of
+//                          k^T alone with QIN)                                  }
 //   h16    [L, HV, K, V]    f16: h                                               } chunk_output_mma
 //   vn16   [L, HV, C, V]    f16: v_new                                           } .wgsl
 // Inputs keep their own layouts: q, k [rows, H, K], v [rows, HV, V], g, beta [rows, HV] (rows =
@@ -67,6 +68,8 @@ override BV: u32 = 16u;      // state pass: value columns per workgroup (divides
 override BVO: u32 = 64u;     // output pass: value columns per workgroup (divides V)
 override QKS: u32 = 16u;     // cooperative-matrix output pass: columns of K per q slice
 override QIN: bool = false;  // cooperative-matrix output pass: q staged from the input (no pack pass)
+// Planes of qk16 per chunk and key head: q, then k^T; k^T alone with QIN (nothing writes q then).
+override QPL: u32 = select(2u, 1u, QIN);
 override BD: u32 = 64u;      // w/u pass: output columns per workgroup (divides K and V)
 // The f16 operands of the cooperative-matrix output pass (chunk_output_mma.wgsl): q, k from
 // chunk_pack16.wgsl and chunk_wu.wgsl, S and v_new from chunk_state_mma.wgsl.

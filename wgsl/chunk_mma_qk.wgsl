@@ -3,7 +3,7 @@
 // f16 copy, and the workgroup arrays around them. Each kernel sizes pf (`FN`: at least C x C).
 // Every workgroup variable is a multiple of 16 bytes (docs/PERF.md, R37).
 
-@group(0) @binding(2) var<storage, read> qk16: array<f16>; // [L, H, 2, C, K]: q, then k
+@group(0) @binding(2) var<storage, read> qk16: array<f16>; // [L, H, QPL, C, K]: q, then k
 @group(0) @binding(3) var<storage, read> gc: array<f32>;
 
 const MWG: u32 = 256u;
@@ -37,11 +37,11 @@ fn qk_prologue(lid: u32, nsg: u32, lc: u32, hb: u32, len: u32) {
     }
 }
 
-// One task of P = Q K^T for the q plane at qb of qk16 (k^T, [K][C], at qb + C K): row tile and
+// One task of P = Q K^T for the q plane at qb of qk16 (k^T, [K][C], its last plane): row tile and
 // column-tile pair t, accumulated into p0, p1 (one A tile feeds two products). With QIN, q is the
 // whole K staged in qs instead (the output pass of an inference forward, PKEEP only).
 fn qk_task(qb: u32, t: u32, p0: ptr<function, MC>, p1: ptr<function, MC>) {
-    let kb = qb + CH * K;
+    let kb = qb + (QPL - 1u) * CH * K;
     let pt = CH / CT;
     let i0 = (t / (pt / 2u)) * CT;
     let c0 = (t % (pt / 2u)) * 2u * CT;

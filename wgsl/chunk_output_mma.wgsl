@@ -7,7 +7,7 @@
 // Operands come ready as f16 from the passes before (OUT16), q with QIN from the input. The tiles of
 // k, S and v_new are loaded straight from global memory (a 16 x 16 tile is 16 rows of 32 bytes, and
 // the tiles the workgroup's subgroups share stay in cache); q is staged with its rows scaled (step 2).
-//   qk16 [L, H, 2, C, K]  q (chunk_pack16.wgsl; not made with QIN), then k^T as [K][C]
+//   qk16 [L, H, QPL, C, K] q (chunk_pack16.wgsl; no q plane with QIN), then k^T as [K][C]
 //                         (chunk_wu.wgsl); rows past the chunk's end 0
 //   h16  [slots, HV, K, V] S (chunk_state_mma.wgsl, slot as h_base)
 //   vn16 [L, HV, C, V]    v_new (chunk_state_mma.wgsl)
@@ -139,7 +139,7 @@ fn main(
     let sl = cu.y;
     let direct = (cu.z == CH) & !HAS_MASK; // uniform: step 4 stores o itself
     let zp = &zt[0];
-    let qb = (lc * H + hk) * 2u * CH * K; // q; k follows at + C * K
+    let qb = (lc * H + hk) * QPL * CH * K; // q (not with QIN); k^T is the last plane
     let pt = CH / CT;
 
     // 1. P = Q K^T, once for the key head's GROUP value heads: with PKEEP (one task per subgroup)

@@ -46,5 +46,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             out = vec4<u32>(halves(a.x), halves(a.y), halves(a.z), halves(a.w));
         }
     }
-    qk16[(lc * H + hk) * 2u * vecs + x % vecs] = out;
+    qk16[(lc * H + hk) * QPL * vecs + x % vecs] = out;
 }

@@ -6,7 +6,7 @@
 // (bm = beta with masked tokens zeroed; padded rows j >= len contribute nothing.)
 // Outputs w [L, HV, C, K], u [L, HV, C, V] (f16 with U16); with W16 (chunk_common.wgsl) also wk16
 // [L, HV, 2, C, K] (-w, and K ∘ exp(gc_last - gc) from the key slices staged for w) and with OUT16 k^T of qk16
-// (plane 1 of [L, H, 2, C, K], as [K][C]; by the first value head of each key head), all f16 two
+// (the last plane of [L, H, QPL, C, K], as [K][C]; by the first value head of each key head), all f16 two
 // to a word; w in f32 then only with WV32. (A separate pass made them before, reading w and k per
 // value head again.)
 //
@@ -174,7 +174,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         // k^T of qk16: element (m, j) of the plane at m * C + j, two rows to a word, so the output
         // pass loads K^T tiles row-major (a column-major load from global memory cost 0.4 ms of its
         // 4.6 at B=8 T=8192 on the H100, docs/PERF.md R60).
-        let base = ((lc * H + hk) * 2u * CH + CH) * (K / 2u);
+        let base = ((lc * H + hk) * QPL * CH + (QPL - 1u) * CH) * (K / 2u); // k^T: the last plane
         if (W16 && OUT16 && NP2 && is_w && hv % GROUP == 0u) {
             let pc = pair_at(lid); // rows pc.x, pc.x + 1 in nx.r[0], nx.r[1]
             let at = base + ((d0 + pc.y) * CH + j0 + pc.x) / 2u;

@@ -16,7 +16,9 @@ pub const WORKGROUP_BYTES: u32 = 4 * (TILE + 1024 + 2048 + 64 + 4);
 /// Default bound on the scratch memory of one window of chunks of an inference forward (see
 /// [`max_local_chunks`]); a call's scratch stays under it whatever T. Fewer, longer windows run
 /// faster: on the H100 (docs/PERF.md, R49) the bf16 forward at B=8 T=8192 took 18.05 ms with 512 MiB,
-/// 15.85 with 1 GiB and 15.15 with 2 GiB. 1 GiB keeps B=1 T=16384 in two windows (579 MiB).
+/// 15.85 with 1 GiB and 15.15 with 2 GiB. 1 GiB holds B=1 T=16384 in one window (966 MiB) and B=8
+/// T=8192 in four where the output pass stages q from the input (R79: 2.78 / 11.29 ms with one and
+/// four windows against 2.88 / 11.78 with two and eight, before the q plane of `qk16` was dropped).
 /// Devices with little memory set [`crate::Settings::chunk_window_bytes`] lower.
 pub const DEFAULT_WINDOW_BYTES: u64 = 1 << 30;
 /// The same bound for a training forward and the chunked backward, which hold the whole sequence's
@@ -443,7 +445,8 @@ pub fn scratch_per_chunk(p: &Problem, chunk: usize, set: ScratchSet) -> [u64; 11
         on(set.f32_wv, f * hv * c * v),
         on(set.f32_states, f * hv * k * v),
         on(set.packed, 2 * 2 * hv * c * k),
-        on(set.out16 || set.q16, 2 * 2 * h * c * k),
+        // qk16: k^T for the output pass, q as well where the pack pass makes it (`QPL` planes).
+        if set.q16 { 2 * 2 * h * c * k } else { on(set.out16, 2 * h * c * k) },
         on(set.out16, 2 * hv * k * v),
         on(set.out16, 2 * hv * c * v),
     ]
@@ -600,6 +603,18 @@ mod tests {
                 assert!(peak <= budget);
             }
         }
+        // An inference forward on cooperative matrices with q staged from the input (no q plane in
+        // qk16): the whole sequence in one window of the default budget (docs/PERF.md R79).
+        let inf = ScratchSet { q16: false, ..MMA };
+        let l = max_local_chunks(&p, 64, inf, DEFAULT_WINDOW_BYTES, 2 << 30);
+        let peak = scratch_bytes(&p, 64, inf, l);
+        println!("  inference ({inf:?}): windows of {l} chunks, peak scratch {} MiB", peak >> 20);
+        assert_eq!((l, windows(&p, 64, l).len()), (256, 1));
+        assert!(peak <= DEFAULT_WINDOW_BYTES);
+        assert_eq!(scratch_per_chunk(&p, 64, inf)[8] * 2, scratch_per_chunk(&p, 64, MMA)[8]);
+        let b8 = problem(8, 8192, 32, 128, None);
+        assert_eq!(max_local_chunks(&b8, 64, inf, DEFAULT_WINDOW_BYTES, 2 << 30), 256);
+        assert_eq!(max_local_chunks(&b8, 64, MMA, DEFAULT_WINDOW_BYTES, 2 << 30), 128);
         // Past the budget the windows bound the scratch whatever T: B=1 T=131072 (2048 chunks).
         let long = problem(1, 131072, 32, 128, None);
         let l = max_local_chunks(&long, 64, MMA, DEFAULT_WINDOW_BYTES, 2 << 30);
