@@ -414,13 +414,13 @@ impl PipelineKey {
         self.accum = Some(accum);
         self
     }
-    /// The same key with `tile` x `tile` cooperative matrices.
     /// The key with one more override constant (kept sorted, as [`PipelineKey::new`] keeps them).
     pub fn with_constant(self, name: &'static str, value: f64) -> Self {
         let mut c = self.constants_f64();
         c.push((name, value));
         PipelineKey { constants: PipelineKey::new(self.kernel, self.reduce, c).constants, ..self }
     }
+    /// The same key with `tile` x `tile` cooperative matrices.
     pub fn with_mma(mut self, tile: u32) -> Self {
         self.mma = Some(tile);
         self

@@ -1,8 +1,9 @@
 //! Chunked backward (SPEC section 4 by the WY/UT form, as flash-linear-attention's
-//! `chunk_gated_delta_rule_bwd`): per window of chunks, last window first, the forward's
-//! gates (`kkt_solve` without its solve) and `wu` are recomputed (from the A the training forward saved), then `bwd_local -> bwd_state -> bwd_dqkwg -> bwd_wy ->
-//! bwd_reduce` (`wgsl/chunk_bwd_common.wgsl` has the plan, `reference::chunked_backward` the math),
-//! all recorded into one graph and submitted once.
+//! `chunk_gated_delta_rule_bwd`): per window of chunks, last window first, the forward's gates
+//! (`kkt_solve` without its solve) and `wu` are recomputed (from the A the training forward saved),
+//! then `bwd_local -> bwd_state -> bwd_dqkwg -> bwd_wy -> bwd_reduce` (`wgsl/chunk_bwd_common.wgsl`
+//! has the plan, `reference::chunked_backward` the math), all recorded into one graph and submitted
+//! once.
 //!
 //! The state at the start of every chunk comes from the states the training forward saved every C
 //! tokens ([`super::backward::Saved`], C = the chunk size), so nothing per token is kept between
