@@ -43,8 +43,9 @@
 @group(0) @binding(4) var<storage, read> h16: array<f16>;
 @group(0) @binding(5) var<storage, read> vn16: array<f16>;
 @group(0) @binding(6) var<storage, read_write> o: array<f32>;
-// qk16 again, 8 halves (16 bytes) an element: the q slices are staged 16 bytes a load.
-@group(0) @binding(7) var<storage, read> qk8: array<mat2x4<f16>>;
+// qk16 again, as 4-half vectors: the q slices are staged 8 bytes a load (16-byte mat2x4<f16>
+// loads made the state walk slower on the H100, docs/PERF.md R79, and are not used here untimed).
+@group(0) @binding(7) var<storage, read> qk4: array<vec4<f16>>;
 // With QIN, q itself (f16/bf16, [rows, H, K]) as words, 8 halves a load: staged here instead of by a
 // pack pass.
 @group(0) @binding(8) var<storage, read> qin: array<vec4<u32>>;
@@ -58,8 +59,8 @@ override NQT: u32 = (NQV + MWG - 1u) / MWG;  // of them per thread (<= 4)
 
 // Stages columns m0 .. m0 + QKS of q into qs, times exp(gc) where `scaled`; rows past len 0. q: the
 // plane at qb of qk16, or with QIN rows row0.. of key head hk of the input. gcs holds gc of the
-// chunk's rows. All loads are issued before the first store (docs/PERF.md, R18), 16 bytes each
-// (R79).
+// chunk's rows. All loads are issued before the first store (docs/PERF.md, R18); q from the input
+// 16 bytes a load (R79).
 fn stage_q(qb: u32, row0: u32, hk: u32, m0: u32, len: u32, lid: u32, scaled: bool) {
     var x: array<array<vec4<f32>, 2>, 4>;
     for (var n = 0u; n < NQT; n++) {
@@ -71,9 +72,9 @@ fn stage_q(qb: u32, row0: u32, hk: u32, m0: u32, len: u32, lid: u32, scaled: boo
             x[n][0] = vec4<f32>(decode(QKV_DT, w.x, 0u), decode(QKV_DT, w.x, 1u), decode(QKV_DT, w.y, 0u), decode(QKV_DT, w.y, 1u));
             x[n][1] = vec4<f32>(decode(QKV_DT, w.z, 0u), decode(QKV_DT, w.z, 1u), decode(QKV_DT, w.w, 0u), decode(QKV_DT, w.w, 1u));
         } else {
-            let q8 = qk8[(qb + i * K + m) / 8u];
-            x[n][0] = vec4<f32>(q8[0]);
-            x[n][1] = vec4<f32>(q8[1]);
+            let at = (qb + i * K + m) / 4u;
+            x[n][0] = vec4<f32>(qk4[at]);
+            x[n][1] = vec4<f32>(qk4[at + 1u]);
         }
     }
     for (var n = 0u; n < NQT; n++) {

@@ -568,7 +568,8 @@ mod tests {
         }
     }
 
-    /// The scratch of an inference forward on SIMT passes and on cooperative matrices.
+    /// The scratch of an inference forward on SIMT passes, and on cooperative matrices with the pack
+    /// pass's q plane (as without QIN; an inference forward with QIN holds `q16: false`).
     const SIMT: ScratchSet =
         ScratchSet { packed: false, out16: false, q16: false, f32_states: true, f32_wv: true, u16: false };
     const MMA: ScratchSet =
