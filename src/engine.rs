@@ -97,6 +97,12 @@ impl Engine {
         &self.gpu
     }
 
+    /// The specialisations compiled so far, one key per pipeline: what a driver-side inspection
+    /// (register counts, `examples/kernel_stats.rs`) needs to rebuild exactly the kernels a call ran.
+    pub fn compiled_kernels(&self) -> Vec<crate::kernels::PipelineKey> {
+        self.kernels.keys()
+    }
+
     /// Settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings

@@ -553,6 +553,11 @@ impl KernelCache {
         Ok(p)
     }
 
+    /// The keys of the pipelines compiled so far (for diagnostics such as `examples/kernel_stats.rs`).
+    pub fn keys(&self) -> Vec<PipelineKey> {
+        self.pipelines.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+
     /// Number of pipelines compiled so far.
     pub fn len(&self) -> usize {
         self.pipelines.lock().map(|m| m.len()).unwrap_or(0)
