@@ -42,15 +42,18 @@
 @group(0) @binding(12) var<storage, read> u16: array<f16>;
 
 override SB: u32 = BV + 8u;        // row stride of s16
+// Row stride of s32, padded by 4 words: with BV = 32 every row began in bank 0, so each load and
+// store of an f32 accumulator tile (8 rows an access) hit one bank 8 times over.
+override SP: u32 = BV + 4u;
 // Workgroup array sizes, besides xs (chunk_mma_stage.wgsl); the host computes the same total,
 // `mma_workgroup_bytes`.
 override SN: u32 = max(K, CH) * SB;
-override SSN: u32 = K * BV;
+override SSN: u32 = K * SP;
 override VSN: u32 = select(CH * BV, 4u, U16);
 override NVR: u32 = select(CH * BV / MWG, 0u, U16); // u / v_new elements per thread (<= 4)
 
 var<workgroup> s16: array<f16, SN>;    // [K][SB]: S, then [C][SB]: v_new (f16)
-var<workgroup> s32: array<f32, SSN>;   // [K][BV]: S
+var<workgroup> s32: array<f32, SSN>;   // [K][SP]: S
 var<workgroup> vs: array<f32, VSN>;    // [C][BV]: u, then v_new (not used with U16)
 // (lo, hi, flag) of the sequence's chunks in this window, and the subgroup count: one 16-byte variable,
 // so every workgroup variable is a multiple of 16 bytes and the f16 tiles start 16-byte aligned in
@@ -117,7 +120,7 @@ fn main(
         ih[e] = select(0.0h, 1.0h, e >= CT * CT && d / CT == d % CT);
     }
     for (var e = lid; e < K * BV; e += MWG) {
-        s32[e] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
+        s32[(e / BV) * SP + e % BV] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
     }
 
     // Subgroup sg takes tiles sg, sg + nsg, ... in rounds; the round count must be uniform (naga
@@ -145,7 +148,8 @@ fn main(
         let hbase = h_base(lc, hv) + j0;
         // Four adjacent columns a thread: one 8-byte store of h16 instead of four 2-byte ones.
         for (var e = 4u * lid; e < K * BV; e += 4u * MWG) {
-            let x = vec4<f32>(s32[e], s32[e + 1u], s32[e + 2u], s32[e + 3u]);
+            let e2 = (e / BV) * SP + e % BV;
+            let x = vec4<f32>(s32[e2], s32[e2 + 1u], s32[e2 + 2u], s32[e2 + 3u]);
             let at = hbase + (e / BV) * V + e % BV;
             if (KEEP_F32) {
                 h[at] = x.x;
@@ -231,8 +235,8 @@ fn main(
             let t = min(sg + it * nsgu, nst - 1u);
             let m0 = (t / ct) * CT;
             let c0 = (t % ct) * CT;
-            let sp = &s32[m0 * BV + c0];
-            var acc = dl * coopLoadT<MC>(sp, BV);
+            let sp = &s32[m0 * SP + c0];
+            var acc = dl * coopLoadT<MC>(sp, SP);
             for (var i0 = 0u; i0 < CH; i0 += CT) {
                 // (K ∘ fac)^T: element (m, i) at xs[i * XK + m], i.e. column-major with stride XK.
                 let ap = &xs[i0 * XK + m0];
@@ -240,12 +244,12 @@ fn main(
                 acc = coopMultiplyAdd(coopLoad<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
             }
             workgroupBarrier(); // every tile of this round is read before any is written
-            coopStoreT(acc, sp, BV);
+            coopStoreT(acc, sp, SP);
         }
     }
     workgroupBarrier();
 
     for (var e = lid; e < K * BV; e += MWG) {
-        state[sbase + s_off(e / BV, j0 + e % BV)] = s32[e];
+        state[sbase + s_off(e / BV, j0 + e % BV)] = s32[(e / BV) * SP + e % BV];
     }
 }

@@ -204,7 +204,8 @@ impl ChunkSpec {
         let t = self.mma.unwrap_or(16);
         // (vs; ih: zero and identity tiles)
         let (vs, ih) = if self.u16 { (16, 2 * 2 * t * t) } else { (4 * c * bv, 16) };
-        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * bv + vs + 16 + ih
+        // (s32's rows padded by 4 words, SP in the WGSL)
+        2 * c * (k + 8) + 2 * k.max(c) * (bv + 8) + 4 * k * (bv + 4) + vs + 16 + ih
     }
 
     /// Whether the cooperative-matrix state walk runs these tiles with `tile` x `tile` matrices,
@@ -687,8 +688,8 @@ mod tests {
     }
 
     /// Where the forward's walk takes u in f16 with BV = 32 (`U16`): an inference or training forward
-    /// on NVIDIA's 16x16 tiles with f16 accumulators (45,088 bytes of 48 KiB at C=64, K=128; BV = 32
-    /// with f32 u would need 52,256); not without f16 accumulators, not in the stage tests (they read
+    /// on NVIDIA's 16x16 tiles with f16 accumulators (47,136 bytes of 48 KiB at C=64, K=128; BV = 32
+    /// with f32 u would need 54,304); not without f16 accumulators, not in the stage tests (they read
     /// u in f32), not on Apple's 8x8 tiles (16 v_new tiles for 8 subgroups).
     #[test]
     fn forward_walk_u16() {
@@ -697,8 +698,8 @@ mod tests {
         for purpose in [ForwardPurpose::Inference, ForwardPurpose::Training] {
             let s = ChunkSpec::for_forward(64, &p, &nv, purpose);
             assert_eq!((s.u16, s.bv, s.mma), (true, 32, Some(16)), "{purpose:?}");
-            assert_eq!(s.mma_workgroup_bytes(128), 45088);
-            assert_eq!(ChunkSpec { u16: false, ..s }.mma_workgroup_bytes(128), 52256);
+            assert_eq!(s.mma_workgroup_bytes(128), 47136);
+            assert_eq!(ChunkSpec { u16: false, ..s }.mma_workgroup_bytes(128), 54304);
             assert!(!ChunkSpec { u16: false, ..s }.mma_fits(128, 16, 48 << 10));
             assert!(s.scratch_set(false).u16);
             assert!(s.p_keep); // 8 tasks of P for 8 subgroups
