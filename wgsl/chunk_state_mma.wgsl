@@ -29,8 +29,12 @@
 // vs, so BV = 32 fits in 48 KiB: half the workgroups, each reading a chunk's -w and K ∘ fac once
 // for twice the columns (docs/PERF.md, R73).
 // Rows of xs and s16 are padded by 8 halves (16 bytes) so a tile's rows fall in different banks.
-// In steps 2 and 4 every round of tiles is read before any is written (a subgroup with no tile
-// left repeats the last one, which must not see it half updated).
+// In steps 2 and 4 every round of tiles is read before any is written where a subgroup with no tile
+// left repeats the last one (it must not see it half updated); step 4 takes two row tiles a task,
+// so with 8 subgroups and 16 S tiles no subgroup repeats one and that barrier is skipped.
+// Measured on the H100 (docs/PERF.md, R80): s32's padded rows, then the paired S tiles together
+// with u's early load, walk 0.876 -> 0.83 -> 0.79 ms at B=1 T=16384; the early load without the
+// pairs was slower (0.86 ms), the pairs without it no faster.
 // Host-checked (ChunkSpec::mma_fits): C * K <= 4 * 8 * MWG and, without U16, MWG divides C * BV and
 // C * BV / MWG <= 4.
 
@@ -130,9 +134,11 @@ fn main(
     let nsgu = cu.w;
     let ct = BV / CT;               // tile columns
     let nvt = (CH / CT) * ct;       // v_new tiles
-    let nst = (K / CT) * ct;        // S tiles
+    let rt = K / CT;                // row tiles of S
+    let nsp = ((rt + 1u) / 2u) * ct; // S tasks: pairs of row tiles
     let nvi = (nvt + nsgu - 1u) / nsgu;
-    let nsi = (nst + nsgu - 1u) / nsgu;
+    let nsi = (nsp + nsgu - 1u) / nsgu;
+    let dup = (nsp % nsgu != 0u) | (rt % 2u != 0u);
     // Registers for the next chunk, loaded one step ahead so their latency hides behind the
     // current chunk's last products.
     var nx: Fetched;
@@ -142,8 +148,15 @@ fn main(
     let vi0 = (tv / ct) * CT;
     let vc0 = (tv % ct) * CT;
     for (var lc = r.x; lc < r.y; lc++) {
-        workgroupBarrier(); // S of the previous chunk is complete; xs and s16 are free
         let hb = (lc * HV + hv) * CH;
+        // U16: this subgroup's u tile, its load issued before step 1 so that step 2 does not wait
+        // on global memory.
+        var ub: MB;
+        if (U16) {
+            let up = &u16[(hb + vi0) * V + j0 + vc0];
+            ub = coopLoadT<MB>(up, V);
+        }
+        workgroupBarrier(); // S of the previous chunk is complete; xs and s16 are free
         let gl = nx.gl;
         let hbase = h_base(lc, hv) + j0;
         // Four adjacent columns a thread: one 8-byte store of h16 instead of four 2-byte ones.
@@ -180,8 +193,7 @@ fn main(
             // ahead in a variable carried across the loop was slower either way (docs/PERF.md, R73).
             let zp = &ih[0];
             let ip = &ih[CT * CT];
-            let up = &u16[(hb + vi0) * V + j0 + vc0];
-            var acc = coopMultiplyAdd(coopLoadT<MA>(ip, CT), coopLoadT<MB>(up, V), coopLoadT<MH>(zp, CT));
+            var acc = coopMultiplyAdd(coopLoadT<MA>(ip, CT), ub, coopLoadT<MH>(zp, CT));
             for (var m0 = 0u; m0 < K; m0 += CT) {
                 let ap = &xs[vi0 * XK + m0];
                 let bp = &s16[m0 * SB + vc0];
@@ -230,21 +242,33 @@ fn main(
             fetch(lc + 1u, lid, hv, j0, &nx);
         }
 
+        // A task is two row tiles of S in one column tile: two independent chains of products that
+        // share their v_new tiles. A barrier between reads and writes only where some subgroup
+        // repeats another's tile (a subgroup past the last task, or an odd count of row tiles).
         let dl = exp(gl);
         for (var it = 0u; it < nsi; it++) {
-            let t = min(sg + it * nsgu, nst - 1u);
-            let m0 = (t / ct) * CT;
+            let t = min(sg + it * nsgu, nsp - 1u);
             let c0 = (t % ct) * CT;
-            let sp = &s32[m0 * SP + c0];
-            var acc = dl * coopLoadT<MC>(sp, SP);
+            let ma = (t / ct) * 2u * CT;
+            let mb = min(ma + CT, K - CT);
+            let spa = &s32[ma * SP + c0];
+            let spb = &s32[mb * SP + c0];
+            var acca = dl * coopLoadT<MC>(spa, SP);
+            var accb = dl * coopLoadT<MC>(spb, SP);
             for (var i0 = 0u; i0 < CH; i0 += CT) {
                 // (K ∘ fac)^T: element (m, i) at xs[i * XK + m], i.e. column-major with stride XK.
-                let ap = &xs[i0 * XK + m0];
+                let apa = &xs[i0 * XK + ma];
+                let apb = &xs[i0 * XK + mb];
                 let bp = &s16[i0 * SB + c0];
-                acc = coopMultiplyAdd(coopLoad<MA>(ap, XK), coopLoadT<MB>(bp, SB), acc);
+                let b = coopLoadT<MB>(bp, SB);
+                acca = coopMultiplyAdd(coopLoad<MA>(apa, XK), b, acca);
+                accb = coopMultiplyAdd(coopLoad<MA>(apb, XK), b, accb);
             }
-            workgroupBarrier(); // every tile of this round is read before any is written
-            coopStoreT(acc, sp, SP);
+            if (dup) {
+                workgroupBarrier(); // every tile of this round is read before any is written
+            }
+            coopStoreT(acca, spa, SP);
+            coopStoreT(accb, spb, SP);
         }
     }
     workgroupBarrier();
