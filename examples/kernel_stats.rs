@@ -58,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|e| CStr::from_ptr(e.extension_name.as_ptr()).to_string_lossy().into_owned())
             .collect();
         let want = [vk::KHR_PIPELINE_EXECUTABLE_PROPERTIES_NAME, vk::KHR_COOPERATIVE_MATRIX_NAME];
-        let ext_ptrs: Vec<*const i8> =
+        let ext_ptrs: Vec<*const std::ffi::c_char> =
             want.iter().filter(|n| exts.iter().any(|e| e.as_bytes() == n.to_bytes())).map(|n| n.as_ptr()).collect();
         if ext_ptrs.is_empty() || !exts.iter().any(|e| e.as_bytes() == want[0].to_bytes()) {
             return Err("the driver lacks VK_KHR_pipeline_executable_properties".into());
