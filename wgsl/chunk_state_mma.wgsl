@@ -67,6 +67,11 @@ var<workgroup> ctl: vec4<u32>;
 override IHN: u32 = select(8u, 2u * CT * CT, U16);
 var<workgroup> ih: array<f16, IHN>;
 
+// Where element e of S (row e / BV, column e % BV) sits in s32.
+fn s32_at(e: u32) -> u32 {
+    return (e / BV) * SP + e % BV;
+}
+
 // What a step reads from global memory, for one thread: its words of the chunk's -w and K ∘ fac,
 // its share of u, and gc_last.
 struct Fetched {
@@ -124,7 +129,7 @@ fn main(
         ih[e] = select(0.0h, 1.0h, e >= CT * CT && d / CT == d % CT);
     }
     for (var e = lid; e < K * BV; e += MWG) {
-        s32[(e / BV) * SP + e % BV] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
+        s32[s32_at(e)] = start_state(sbase + s_off(e / BV, j0 + e % BV), r);
     }
 
     // Subgroup sg takes tiles sg, sg + nsg, ... in rounds; the round count must be uniform (naga
@@ -161,7 +166,7 @@ fn main(
         let hbase = h_base(lc, hv) + j0;
         // Four adjacent columns a thread: one 8-byte store of h16 instead of four 2-byte ones.
         for (var e = 4u * lid; e < K * BV; e += 4u * MWG) {
-            let e2 = (e / BV) * SP + e % BV;
+            let e2 = s32_at(e);
             let x = vec4<f32>(s32[e2], s32[e2 + 1u], s32[e2 + 2u], s32[e2 + 3u]);
             let at = hbase + (e / BV) * V + e % BV;
             if (KEEP_F32) {
@@ -274,6 +279,6 @@ fn main(
     workgroupBarrier();
 
     for (var e = lid; e < K * BV; e += MWG) {
-        state[sbase + s_off(e / BV, j0 + e % BV)] = s32[(e / BV) * SP + e % BV];
+        state[sbase + s_off(e / BV, j0 + e % BV)] = s32[s32_at(e)];
     }
 }
